@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Datalists for the bundles: MSD-layout training data, checked before training, and folders of scans to segment.
+
+Every problem is reported as a :class:`DatasetError` that names the dataset, the case and the file, so a user
+sees what to fix instead of a stack trace from inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "DatasetError",
+    "IMAGE_SUFFIXES",
+    "case_name",
+    "read_dataset_json",
+    "msd_training_datalist",
+    "split_datalist",
+    "check_training_data",
+    "training_split",
+    "inference_datalist",
+]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_MAX_REPORTED = 20
+
+
+class DatasetError(ValueError):
+    """A dataset folder or one of its cases cannot be used; the message names the path and the problem."""
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """The file name without its image extension (``.nii.gz`` counts as one extension)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _existing_dir(dataset_dir: str | os.PathLike) -> Path:
+    path = Path(dataset_dir).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"dataset_dir {str(path)!r} does not exist or is not a folder")
+    return path
+
+
+def read_dataset_json(dataset_dir: str | os.PathLike) -> dict:
+    """Read ``<dataset_dir>/dataset.json`` (MSD layout)."""
+    path = _existing_dir(dataset_dir) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no dataset.json; an MSD-layout folder has dataset.json, imagesTr/ and labelsTr/")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: cannot be read as JSON ({e})") from e
+
+
+def _resolve(dataset_dir: Path, entry: str) -> str:
+    return str((dataset_dir / entry).resolve()) if not os.path.isabs(entry) else entry
+
+
+def msd_training_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The ``training`` list of an MSD ``dataset.json`` as ``{"image", "label"}`` dicts with absolute paths.
+
+    Raises:
+        DatasetError: the folder or dataset.json is missing, the list is empty, or a listed file does not exist.
+    """
+    root = _existing_dir(dataset_dir)
+    spec = read_dataset_json(root)
+    entries = spec.get("training") or []
+    if not entries:
+        raise DatasetError(f"{root / 'dataset.json'}: the 'training' list is empty")
+    datalist, missing = [], []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(f"{root / 'dataset.json'}: training entry {i} needs 'image' and 'label' keys")
+        item = {"image": _resolve(root, entry["image"]), "label": _resolve(root, entry["label"])}
+        for key in ("image", "label"):
+            if not os.path.isfile(item[key]):
+                missing.append(f"case {case_name(item['image'])}: {key} file {entry[key]!r} does not exist")
+        datalist.append(item)
+    if missing:
+        raise DatasetError(_report(f"{root / 'dataset.json'} lists files that are missing", missing))
+    return datalist
+
+
+def split_datalist(
+    datalist: Sequence[dict], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """A reproducible train/validation split: cases sorted by image path, shuffled with ``seed``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cases = sorted(datalist, key=lambda d: d["image"])
+    random.Random(seed).shuffle(cases)
+    num_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1)
+    if num_val < 1:
+        raise ValueError(f"cannot split {len(cases)} case(s) into training and validation sets")
+    return cases[num_val:], cases[:num_val]
+
+
+def _load_array(path: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Voxel data (read in full, so truncated files fail here) and the array shape."""
+    if path.lower().endswith((".nii", ".nii.gz")):
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+        return data, tuple(img.shape)
+    img = sitk.ReadImage(path)
+    components = img.GetNumberOfComponentsPerPixel()
+    # GetSize() is (x, y, z), the axis order nibabel and MONAI use
+    return sitk.GetArrayFromImage(img), tuple(img.GetSize()) + ((components,) if components > 1 else ())
+
+
+def check_training_data(
+    datalist: Sequence[dict[str, str]], labels: Sequence[int], in_channels: int | None = None
+) -> None:
+    """Load every image and label once and check what training relies on.
+
+    Checks that each file reads completely, that the image is 3D (or 4D with ``in_channels`` channels last),
+    that the label has the image's spatial shape, and that label values are among ``labels``.
+
+    Raises:
+        DatasetError: listing every case that failed, with the file and the problem.
+    """
+    allowed = {int(v) for v in labels}
+    problems = []
+    for item in datalist:
+        case = case_name(item["image"])
+        try:
+            image, image_shape = _load_array(item["image"])
+        except Exception as e:  # any reader failure: report the file, not the reader's traceback
+            problems.append(f"case {case}: cannot read image {item['image']} ({type(e).__name__}: {e})")
+            continue
+        try:
+            label, label_shape = _load_array(item["label"])
+        except Exception as e:
+            problems.append(f"case {case}: cannot read label {item['label']} ({type(e).__name__}: {e})")
+            continue
+        if len(image_shape) not in (3, 4):
+            problems.append(f"case {case}: image {item['image']} has shape {image_shape}; expected a 3D volume")
+            continue
+        channels = image_shape[3] if len(image_shape) == 4 else 1
+        if in_channels is not None and channels != in_channels:
+            problems.append(
+                f"case {case}: image {item['image']} has {channels} channel(s), the bundle expects {in_channels}"
+            )
+        label_spatial = tuple(label_shape[:3]) if all(s == 1 for s in label_shape[3:]) else tuple(label_shape)
+        if label_spatial != tuple(image_shape[:3]):
+            problems.append(
+                f"case {case}: label shape {tuple(label_shape)} differs from image shape {tuple(image_shape[:3])}"
+                f" ({item['label']})"
+            )
+            continue
+        if not np.all(np.isfinite(image)):
+            problems.append(f"case {case}: image {item['image']} contains NaN or Inf voxels")
+        values = np.unique(label)
+        non_integer = values[values != np.round(values)]
+        unexpected = sorted({int(v) for v in np.round(values)} - allowed)
+        if non_integer.size:
+            problems.append(f"case {case}: label {item['label']} has non-integer values {non_integer[:5].tolist()}")
+        elif unexpected:
+            problems.append(
+                f"case {case}: label {item['label']} has value(s) {unexpected} outside the declared labels "
+                f"{sorted(allowed)}"
+            )
+    if problems:
+        raise DatasetError(_report(f"{len(problems)} problem(s) in the training data", problems))
+
+
+def _report(title: str, problems: Sequence[str]) -> str:
+    lines = [f"{title}:"] + [f"  - {p}" for p in problems[:_MAX_REPORTED]]
+    if len(problems) > _MAX_REPORTED:
+        lines.append(f"  ... and {len(problems) - _MAX_REPORTED} more")
+    return "\n".join(lines)
+
+
+def training_split(
+    dataset_dir: str | os.PathLike,
+    num_classes: int,
+    in_channels: int = 1,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    check: bool = True,
+    max_cases: int | None = None,
+) -> dict[str, list[dict[str, str]]]:
+    """The bundles' training entry point: ``{"training": [...], "validation": [...]}`` for an MSD folder.
+
+    The label set declared in dataset.json must have ``num_classes`` entries and its modalities ``in_channels``
+    entries, so a bundle configured for another task fails here with the override to use, not after an epoch.
+
+    Args:
+        dataset_dir: MSD-layout folder (dataset.json, imagesTr/, labelsTr/).
+        num_classes: number of output classes including background; labels must be ``0..num_classes-1``.
+        in_channels: number of image channels the network takes.
+        val_fraction: fraction of cases held out for validation.
+        seed: seed of the split.
+        check: read every case before training (see :func:`check_training_data`).
+        max_cases: use only the first ``max_cases`` cases of the shuffled order (quick runs); ``None`` for all.
+    """
+    root = _existing_dir(dataset_dir)
+    spec = read_dataset_json(root)
+    declared = spec.get("labels")
+    if isinstance(declared, dict) and len(declared) != num_classes:
+        raise DatasetError(
+            f"{root / 'dataset.json'} declares {len(declared)} labels {sorted(declared.values())} but the bundle "
+            f"is configured for num_classes={num_classes}; pass --num_classes {len(declared)}"
+        )
+    modalities = spec.get("modality")
+    if isinstance(modalities, dict) and len(modalities) != in_channels:
+        raise DatasetError(
+            f"{root / 'dataset.json'} declares {len(modalities)} modalities but the bundle is configured for "
+            f"in_channels={in_channels}; pass --in_channels {len(modalities)}"
+        )
+    datalist = msd_training_datalist(root)
+    if max_cases is not None:
+        datalist = sorted(datalist, key=lambda d: d["image"])
+        random.Random(seed).shuffle(datalist)
+        datalist = datalist[: int(max_cases)]
+    if check:
+        check_training_data(datalist, labels=range(num_classes), in_channels=in_channels)
+    train, val = split_datalist(datalist, val_fraction=val_fraction, seed=seed)
+    return {"training": train, "validation": val}
+
+
+def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Every image to segment under ``dataset_dir``, as ``{"image": path}`` dicts sorted by case name.
+
+    ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage), or an MSD folder, whose ``imagesTr/``
+    and ``imagesTs/`` images are all taken.
+
+    Raises:
+        DatasetError: the folder does not exist, holds no image, or two images share a case name (their
+            outputs would overwrite each other).
+    """
+    root = _existing_dir(dataset_dir)
+    folders = [root / sub for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir()] if (
+        (root / "dataset.json").is_file()
+    ) else [root]
+    files = [
+        str(f)
+        for folder in folders
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith(".")
+    ]
+    if not files:
+        raise DatasetError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) to segment")
+    seen: dict[str, str] = {}
+    for f in files:
+        name = case_name(f)
+        if name in seen:
+            raise DatasetError(f"{seen[name]} and {f} have the same case name {name!r}; outputs would collide")
+        seen[name] = f
+    return [{"image": seen[name]} for name in sorted(seen)]

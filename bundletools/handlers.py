@@ -1,0 +1,168 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ignite handlers shared by the bundles' training workflows."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.handlers import MetricsSaver
+from monai.handlers import metrics_saver as metrics_saver_module
+
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "atomic_torch_save"]
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename, so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class ResumableCheckpoint:
+    """Keep the best model as ``model.pt`` and the full training state after every epoch, and resume from it.
+
+    After each epoch (and after validation, so attach it after the ``ValidationHandler``) this writes:
+
+    - ``<ckpt_dir>/<best_filename>``: the model's state dict, on CPU, whenever the evaluator's key metric
+      improved this epoch (every epoch when there is no evaluator). It loads with
+      ``torch.load(path, weights_only=True)`` on a machine without a GPU, in MONAI Label, and in ``ckpt_export``.
+    - ``<ckpt_dir>/<state_filename>``: every object of ``save_dict`` (model, optimizer, scheduler), the
+      trainer's epoch and iteration, and the best metric so far.
+
+    When the trainer starts and the state file exists, everything is restored, so running the same command
+    again after a kill continues with the epoch after the last finished one, and the best-model bookkeeping
+    carries over (a worse epoch after the restart does not overwrite ``model.pt``). The trainer keeps the
+    ``max_epochs`` of the current run, so a finished run can be extended by raising ``epochs``.
+
+    Both files are written atomically (temporary file, then rename) and only by rank 0 under DDP. Put the
+    unwrapped network in ``save_dict`` (``network_def``, not the DDP wrapper) so the keys have no ``module.``
+    prefix.
+
+    Args:
+        ckpt_dir: folder of the two files.
+        save_dict: objects with ``state_dict``/``load_state_dict``; the model under ``model_key``.
+        evaluator: the validation evaluator whose ``best_metric`` decides the best model; ``None`` saves the
+            model after every epoch.
+        model_key: key of the model in ``save_dict``.
+        best_filename: file name of the best model.
+        state_filename: file name of the training state.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        evaluator: Engine | None = None,
+        model_key: str = "model",
+        best_filename: str = "model.pt",
+        state_filename: str = "training_state.pt",
+    ) -> None:
+        if model_key not in save_dict:
+            raise ValueError(f"save_dict must hold the model under {model_key!r}, got keys {list(save_dict)}")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.save_dict = dict(save_dict)
+        self.evaluator = evaluator
+        self.model_key = model_key
+        self.best_path = self.ckpt_dir / best_filename
+        self.state_path = self.ckpt_dir / state_filename
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def resume(self, engine: Engine) -> None:
+        if not self.state_path.is_file():
+            self.logger.info(f"No training state at {self.state_path}: training starts at epoch 1.")
+            return
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot resume from {self.state_path} ({type(e).__name__}: {e}); delete it to start over"
+            ) from e
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load={**self.save_dict, "trainer": engine}, checkpoint=state)
+        engine.state.max_epochs = max_epochs
+        if self.evaluator is not None and "best_metric" in state:
+            self.evaluator.state.best_metric = float(state["best_metric"])
+            self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        done = engine.state.epoch
+        if max_epochs is not None and done >= max_epochs:
+            self.logger.info(f"{self.state_path} records {done} finished epochs of {max_epochs}: nothing to do.")
+        else:
+            self.logger.info(f"Resumed from {self.state_path}: epoch {done} was the last finished, continuing.")
+
+    def save(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        epoch = engine.state.epoch
+        model = self.save_dict[self.model_key]
+        improved = self.evaluator is None or self.evaluator.state.best_metric_epoch == epoch
+        if improved:
+            atomic_torch_save(_to_cpu(model.state_dict()), self.best_path)
+        state = {name: _to_cpu(obj.state_dict()) for name, obj in self.save_dict.items()}
+        state["trainer"] = engine.state_dict()
+        state["epoch"] = epoch  # ignite's state dict keeps only the iteration count
+        if self.evaluator is not None:
+            state["best_metric"] = float(self.evaluator.state.best_metric)
+            state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+        atomic_torch_save(state, self.state_path)
+
+
+class LabelledMetricsSaver(MetricsSaver):
+    """:class:`monai.handlers.MetricsSaver` whose per-class columns carry the label names.
+
+    MONAI's saver names the columns ``class0``, ``class1``, ... counted from the first channel that was scored,
+    which reads as "background" for what is really label 1 when the background is excluded. ``class_labels``
+    gives the names in channel order (e.g. ``["anterior", "posterior"]``).
+    """
+
+    def __init__(self, *args: Any, class_labels: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_labels = list(class_labels) if class_labels is not None else None
+
+    def __call__(self, engine: Engine) -> None:
+        if self.class_labels is None:
+            return super().__call__(engine)
+        original = metrics_saver_module.write_metrics_reports
+
+        def write_per_metric(metrics: Any = None, metric_details: Any = None, **kwargs: Any) -> None:
+            # one call per metric: MONAI's writer extends its label list once per metric it writes
+            original(metrics=metrics, metric_details=None, **kwargs)
+            for name, values in (metric_details or {}).items():
+                original(metrics=None, metric_details={name: values}, class_labels=list(self.class_labels), **kwargs)
+
+        metrics_saver_module.write_metrics_reports = write_per_metric
+        try:
+            super().__call__(engine)
+        finally:
+            metrics_saver_module.write_metrics_reports = original

@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: real data from ../shared/data, synthetic MSD folders, and a runner for bundle commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundletools.demo import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+BUNDLES = REPO / "bundles"
+
+
+def shared_data(name: str) -> Path:
+    """``../shared/data/<name>``; skips without it, fails instead when ``REQUIRE_SHARED_DATA=1`` (CI)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        message = f"real data {path} is not available"
+        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + " and REQUIRE_SHARED_DATA=1")
+        pytest.skip(message)
+    return path
+
+
+def shared_schema(name: str) -> Path:
+    """``../shared/schemas/<name>`` (MONAI's metadata schema, for offline ``verify_metadata``)."""
+    path = SHARED_DATA.parent / "schemas" / name
+    if not path.is_file():
+        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"{path} is not available and REQUIRE_SHARED_DATA=1")
+        pytest.skip(f"{path} is not available")
+    return path
+
+
+def run_bundle(args: list[str], cwd: Path, check: bool = True, timeout: int = 900, torchrun: int = 0):
+    """Run ``python -m monai.bundle <args>`` (or under torchrun with that many processes) as a user would."""
+    launcher = [sys.executable, "-m", "monai.bundle"]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                    "-m", "monai.bundle"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OMP_NUM_THREADS", "2")
+    proc = subprocess.run(launcher + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.output[-6000:]}")
+    return proc
+
+
+def config_list(bundle: str, *names: str) -> str:
+    """A ``--config_file`` value: one file, or several merged as MONAI does."""
+    files = [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
+    return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="session")
+def synthetic_msd(tmp_path_factory) -> Path:
+    """A small synthetic MSD folder (6 cases of 32x40x32, labels 0/1/2)."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "demo", num_cases=6, shape=(32, 40, 32))

@@ -1,0 +1,174 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Datalists and the checks that stop bad training data before training starts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bundletools.data import (
+    DatasetError,
+    case_name,
+    check_training_data,
+    inference_datalist,
+    msd_training_datalist,
+    split_datalist,
+    training_split,
+)
+from tests.conftest import shared_data
+
+
+@pytest.fixture
+def msd(tmp_path, synthetic_msd) -> Path:
+    """A private, writable copy of the synthetic MSD folder that a test may damage."""
+    return Path(shutil.copytree(synthetic_msd, tmp_path / "msd"))
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [("a/hippocampus_001.nii.gz", "hippocampus_001"), ("b.nii", "b"), ("brain1_image.nrrd", "brain1_image"),
+     ("x.y.mha", "x.y"), ("ct.MHD", "ct")],
+)
+def test_case_name_strips_image_extensions(path, name):
+    assert case_name(path) == name
+
+
+def test_training_split_is_reproducible_and_disjoint(msd):
+    first = training_split(msd, num_classes=3, val_fraction=0.34, seed=3)
+    again = training_split(msd, num_classes=3, val_fraction=0.34, seed=3)
+    other = training_split(msd, num_classes=3, val_fraction=0.34, seed=4)
+    assert first == again
+    assert len(first["validation"]) == 2 and len(first["training"]) == 4
+    images = [d["image"] for d in first["training"] + first["validation"]]
+    assert len(set(images)) == 6
+    assert first["validation"] != other["validation"]
+    assert all(Path(d["image"]).is_absolute() and Path(d["label"]).is_file() for d in first["training"])
+
+
+def test_max_cases_limits_the_split(msd):
+    split = training_split(msd, num_classes=3, val_fraction=0.5, max_cases=4)
+    assert len(split["training"]) + len(split["validation"]) == 4
+
+
+def test_split_needs_two_cases():
+    with pytest.raises(ValueError, match="cannot split"):
+        split_datalist([{"image": "a"}], val_fraction=0.2)
+
+
+def test_missing_dataset_dir_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(DatasetError, match="no_such_dataset.*does not exist"):
+        training_split(missing, num_classes=3)
+    with pytest.raises(DatasetError, match="no_such_dataset"):
+        inference_datalist(missing)
+
+
+def test_listed_file_missing(msd):
+    (msd / "labelsTr" / "synthetic_002.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"case synthetic_002: label file .*synthetic_002.nii.gz.* does not exist"):
+        msd_training_datalist(msd)
+
+
+def test_shape_mismatch(msd):
+    label = nib.load(msd / "labelsTr" / "synthetic_001.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-2], label.affine), msd / "labelsTr" / "synthetic_001.nii.gz")
+    with pytest.raises(DatasetError, match=r"case synthetic_001: label shape \(32, 40, 30\) differs from image shape"):
+        training_split(msd, num_classes=3)
+
+
+def test_label_value_outside_declared_labels(msd):
+    path = msd / "labelsTr" / "synthetic_004.nii.gz"
+    label = nib.load(path)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, label.affine), path)
+    with pytest.raises(DatasetError, match=r"case synthetic_004: label .* value\(s\) \[7\] outside the declared labels"):
+        training_split(msd, num_classes=3)
+
+
+def test_truncated_nifti_is_reported_with_the_case(msd):
+    path = msd / "imagesTr" / "synthetic_003.nii.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DatasetError, match=r"case synthetic_003: cannot read image .*synthetic_003.nii.gz"):
+        training_split(msd, num_classes=3)
+
+
+def test_not_an_image_is_reported(msd):
+    (msd / "imagesTr" / "synthetic_000.nii.gz").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"case synthetic_000: cannot read image"):
+        training_split(msd, num_classes=3)
+
+
+def test_every_bad_case_is_listed_at_once(msd):
+    (msd / "imagesTr" / "synthetic_000.nii.gz").write_text("not an image")
+    (msd / "labelsTr" / "synthetic_005.nii.gz").write_text("not a label")
+    with pytest.raises(DatasetError, match=r"2 problem\(s\)(.|\n)*synthetic_000(.|\n)*synthetic_005"):
+        training_split(msd, num_classes=3)
+
+
+def test_num_classes_and_channels_must_match_dataset_json(msd):
+    with pytest.raises(DatasetError, match="declares 3 labels.*--num_classes 3"):
+        training_split(msd, num_classes=5)
+    with pytest.raises(DatasetError, match="declares 1 modalities.*--in_channels 1"):
+        training_split(msd, num_classes=3, in_channels=2)
+
+
+def test_wrong_channel_count_in_image(msd):
+    spec = json.loads((msd / "dataset.json").read_text())
+    spec["modality"] = {"0": "a", "1": "b"}
+    (msd / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DatasetError, match="has 1 channel\\(s\\), the bundle expects 2"):
+        training_split(msd, num_classes=3, in_channels=2)
+
+
+def test_check_accepts_4d_multichannel_images(tmp_path):
+    image = np.random.rand(8, 9, 10, 2).astype(np.float32)
+    label = np.zeros((8, 9, 10), np.uint8)
+    label[2:4] = 4
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lab.nii.gz")
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    check_training_data([item], labels=range(5), in_channels=2)
+    with pytest.raises(DatasetError, match="outside the declared labels"):
+        check_training_data([item], labels=range(3), in_channels=2)
+
+
+def test_inference_datalist_of_flat_folder_and_msd_folder(tmp_path, msd):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("b.nii.gz", "a.nrrd", "c.mha", "notes.txt", ".hidden.nii.gz"):
+        (flat / name).write_bytes(b"x")
+    assert [case_name(d["image"]) for d in inference_datalist(flat)] == ["a", "b", "c"]
+    (msd / "imagesTs").mkdir()
+    shutil.copy(msd / "imagesTr" / "synthetic_000.nii.gz", msd / "imagesTs" / "test_000.nii.gz")
+    names = [case_name(d["image"]) for d in inference_datalist(msd)]
+    assert names == ["synthetic_000", "synthetic_001", "synthetic_002", "synthetic_003", "synthetic_004",
+                     "synthetic_005", "test_000"]
+
+
+def test_inference_datalist_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        inference_datalist(empty)
+    (empty / "x.nii.gz").write_bytes(b"x")
+    (empty / "x.nrrd").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="same case name 'x'"):
+        inference_datalist(empty)
+
+
+@pytest.mark.realdata
+def test_real_hippocampus_and_brats_pass_the_checks():
+    hippo = training_split(shared_data("Task04_Hippocampus"), num_classes=3, max_cases=40)
+    assert len(hippo["training"]) == 32 and len(hippo["validation"]) == 8
+    brats = training_split(shared_data("BraTS2015_deepmedic_subset"), num_classes=5, in_channels=2)
+    assert len(brats["training"]) + len(brats["validation"]) == 6
+    with pytest.raises(DatasetError, match="declares 5 labels"):
+        training_split(shared_data("BraTS2015_deepmedic_subset"), num_classes=3, in_channels=2)

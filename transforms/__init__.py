@@ -1,0 +1,8 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Custom MONAI transforms shared by the bundles (``"_target_": "transforms.<Name>"`` in a config)."""
+
+from __future__ import annotations
+
+from .validation import CheckImaged, InvalidImageError
+
+__all__ = ["CheckImaged", "InvalidImageError"]
