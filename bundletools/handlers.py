@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
 from monai.handlers import metrics_saver as metrics_saver_module
 
-__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "atomic_torch_save"]
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "atomic_torch_save"]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -166,3 +167,28 @@ class LabelledMetricsSaver(MetricsSaver):
             super().__call__(engine)
         finally:
             metrics_saver_module.write_metrics_reports = original
+
+
+class TimeBudget:
+    """Stop training cleanly once ``seconds`` of wall-clock time have passed (``None``: no limit).
+
+    For fixed-budget comparisons: the run ends after the iteration that crosses the budget; epochs that finished
+    before it were validated and checkpointed as usual, the unfinished one is dropped.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        if self.seconds is not None:
+            engine.add_event_handler(Events.STARTED, self._start)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _start(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+
+    def _check(self, engine: Engine) -> None:
+        if time.perf_counter() - self._t0 > self.seconds:
+            self.logger.info(f"Time budget of {self.seconds:.0f} s used up in epoch {engine.state.epoch}: stopping.")
+            engine.terminate()

@@ -39,13 +39,13 @@ def test_spec_overrides_land_in_the_rendered_config(tmp_path):
     bundle.mkdir()
     (bundle / "spec.json").write_text(json.dumps({
         "common": {"network_def": {"_target_": "UNet"}, "extra_key": 3},
-        "train": {"epochs": 7, "train#handlers#0#print_lr": True},
+        "train": {"epochs": 7, "train#handlers#1#print_lr": True},
         "metadata": {"version": "9.9.9"},
     }))
     files = render_bundle(bundle)
     train = json.loads(files["configs/train.json"])
     assert train["epochs"] == 7 and train["extra_key"] == 3
     assert list(train).index("datalist") < list(train).index("extra_key") < list(train).index("network_def")
-    assert train["train"]["handlers"][0]["print_lr"] is True
+    assert train["train"]["handlers"][1]["print_lr"] is True
     assert "toy_segmentation" in train["bundle_root"]
     assert json.loads(files["configs/metadata.json"])["version"] == "9.9.9"

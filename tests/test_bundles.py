@@ -1,13 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The UNet bundle end to end, run the way users run it: `python -m monai.bundle ...` in a fresh process.
+"""Every bundle end to end, run the way users run it: `python -m monai.bundle ...` in a fresh process.
 
 Each command runs from a temporary working directory, with ``bundle_root`` pointed at a temporary folder, so
-the tests also prove that nothing depends on the current directory or on PYTHONPATH.
+the tests also prove that nothing depends on the current directory or on PYTHONPATH. ``BUNDLE_TESTS`` lists the
+bundles and the overrides that keep their runs short on 2 CPU cores; a new bundle adds a line there and gets
+every check.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -26,22 +29,47 @@ import torch
 from bundletools.demo import make_synthetic_dataset
 from tests.conftest import BUNDLES, config_list, run_bundle, shared_data, shared_schema
 
-BUNDLE = "unet_segmentation"
 FAST = ["--num_workers", "0"]
 pytestmark = pytest.mark.slow
 
+# bundle -> settings: "train"/"infer" extra overrides for quick runs, "real_data" the default task's folder
+BUNDLE_TESTS = {
+    "unet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+}
 
-def train_args(dataset: Path, root: Path, epochs: int, run_id: str = "training", *extra) -> list:
-    return ["run", run_id, "--config_file", config_list(BUNDLE, "train"), "--dataset_dir", dataset,
-            "--bundle_root", root, "--epochs", epochs, *FAST, *extra]
+
+@pytest.fixture(scope="module", params=sorted(BUNDLE_TESTS))
+def bundle(request) -> str:
+    return request.param
+
+
+def train_args(bundle: str, dataset: Path, root: Path, epochs: int, run_id: str = "training", *extra) -> list:
+    return ["run", run_id, "--config_file", config_list(bundle, "train"), "--dataset_dir", dataset,
+            "--bundle_root", root, "--epochs", epochs, *FAST, *BUNDLE_TESTS[bundle]["train"], *extra]
+
+
+def infer_args(bundle: str, scans: Path, out: Path, root: Path, *extra) -> list:
+    return ["run", "--config_file", config_list(bundle, "inference"), "--dataset_dir", scans, "--output_dir", out,
+            "--bundle_root", root, *FAST, *BUNDLE_TESTS[bundle]["infer"], *extra]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_msd):
-    """A bundle trained for 2 epochs on synthetic data: (bundle_root, training output)."""
-    root = tmp_path_factory.mktemp("unet_trained")
-    proc = run_bundle(train_args(synthetic_msd, root, 2), cwd=tmp_path_factory.mktemp("cwd"))
+def trained(bundle, tmp_path_factory, synthetic_msd):
+    """The bundle trained for 2 epochs on synthetic data: (bundle_root, training output)."""
+    root = tmp_path_factory.mktemp(f"{bundle}_trained")
+    proc = run_bundle(train_args(bundle, synthetic_msd, root, 2), cwd=tmp_path_factory.mktemp("cwd"))
     return root, proc.output
+
+
+def bundle_network(bundle: str, **overrides) -> torch.nn.Module:
+    """The bundle's ``network_def``, built from its inference config as MONAI Label builds it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser.get_parsed_content("network_def")
 
 
 def assert_same_geometry(image_path: Path, seg_path: Path) -> None:
@@ -57,13 +85,10 @@ def assert_same_geometry(image_path: Path, seg_path: Path) -> None:
     np.testing.assert_allclose(out.GetDirection(), np.array(ref.GetDirection()).reshape(ref.GetDimension(), -1)[:3, :3].ravel(), atol=1e-5)
 
 
-def test_training_writes_best_model_per_epoch_logs_and_tensorboard(trained):
+def test_training_writes_best_model_per_epoch_logs_and_tensorboard(bundle, trained):
     root, output = trained
     state_dict = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    from monai.networks.nets import UNet
-
-    net = UNet(3, 1, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="batch")
-    net.load_state_dict(state_dict)  # strict: every key and shape matches the bundle's network_def
+    bundle_network(bundle).load_state_dict(state_dict)  # strict: every key and shape fits network_def
     assert all(t.device.type == "cpu" for t in state_dict.values())
     for epoch in (1, 2):
         assert re.search(rf"Epoch\[{epoch}\] Metrics -- train_loss: \d", output)
@@ -72,9 +97,9 @@ def test_training_writes_best_model_per_epoch_logs_and_tensorboard(trained):
     assert torch.load(root / "models" / "training_state.pt", weights_only=True)["epoch"] == 2
 
 
-def test_killed_training_resumes_from_last_finished_epoch(tmp_path, synthetic_msd):
+def test_killed_training_resumes_from_last_finished_epoch(bundle, tmp_path, synthetic_msd):
     root = tmp_path / "bundle"
-    args = train_args(synthetic_msd, root, 4)
+    args = train_args(bundle, synthetic_msd, root, 4)
     state = root / "models" / "training_state.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=tmp_path, env=env,
@@ -102,10 +127,10 @@ def test_killed_training_resumes_from_last_finished_epoch(tmp_path, synthetic_ms
     assert "finished epochs of 4: nothing to do" in again.output
 
 
-def test_evaluate_writes_per_case_dice_and_hd95_in_mm(trained, synthetic_msd, tmp_path):
+def test_evaluate_writes_per_case_dice_and_hd95_in_mm(bundle, trained, synthetic_msd, tmp_path):
     root, _ = trained
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "train", "evaluate"), "--dataset_dir", synthetic_msd,
-                "--bundle_root", root, *FAST], cwd=tmp_path)
+    run_bundle(["run", "--config_file", config_list(bundle, "train", "evaluate"), "--dataset_dir", synthetic_msd,
+                "--bundle_root", root, *FAST, *BUNDLE_TESTS[bundle]["train"]], cwd=tmp_path)
     for metric in ("val_mean_dice", "val_hd95_mm"):
         with open(root / "eval" / f"{metric}_raw.csv") as f:
             rows = list(csv.reader(f))
@@ -128,7 +153,7 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
-def test_inference_keeps_exact_geometry_for_ras_lps_and_oblique_inputs(trained, tmp_path):
+def test_inference_keeps_exact_geometry_for_ras_lps_and_oblique_inputs(bundle, trained, tmp_path):
     root, _ = trained
     rng = np.random.default_rng(0)
     scans = tmp_path / "scans"
@@ -146,8 +171,7 @@ def test_inference_keeps_exact_geometry_for_ras_lps_and_oblique_inputs(trained, 
     inputs = [_write(scans / "ras_case.nii.gz", volume, ras), _write(scans / "lps_case.nii", volume, lps),
               _write(scans / "oblique.nii.gz", volume[:, :, :9], oblique)]
     out = tmp_path / "out"
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
-                "--output_dir", out, "--bundle_root", root, *FAST], cwd=tmp_path)
+    run_bundle(infer_args(bundle, scans, out, root), cwd=tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["lps_case_seg.nii.gz", "oblique_seg.nii.gz",
                                                       "ras_case_seg.nii.gz"]
     for path in inputs:
@@ -156,11 +180,10 @@ def test_inference_keeps_exact_geometry_for_ras_lps_and_oblique_inputs(trained, 
         assert set(np.unique(np.asarray(nib.load(str(seg)).dataobj))) <= {0, 1, 2}
 
 
-def test_inference_over_msd_folder_segments_every_image(trained, synthetic_msd, tmp_path):
+def test_inference_over_msd_folder_segments_every_image(bundle, trained, synthetic_msd, tmp_path):
     root, _ = trained
     out = tmp_path / "out"
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", synthetic_msd,
-                "--output_dir", out, "--bundle_root", root, *FAST], cwd=tmp_path)
+    run_bundle(infer_args(bundle, synthetic_msd, out, root), cwd=tmp_path)
     cases = sorted(p.name.replace(".nii.gz", "") for p in (synthetic_msd / "imagesTr").iterdir())
     assert sorted(p.name for p in out.iterdir()) == [f"{c}_seg.nii.gz" for c in cases]
     dice = []
@@ -174,7 +197,7 @@ def test_inference_over_msd_folder_segments_every_image(trained, synthetic_msd, 
 
 
 @pytest.mark.realdata
-def test_inference_on_real_anisotropic_nrrd_and_lps_nifti(trained, tmp_path):
+def test_inference_on_real_anisotropic_nrrd_and_lps_nifti(bundle, trained, tmp_path):
     root, _ = trained
     smoke = shared_data("smoke_volumes")
     scans = tmp_path / "scans"
@@ -185,8 +208,7 @@ def test_inference_on_real_anisotropic_nrrd_and_lps_nifti(trained, tmp_path):
     for path in picked:
         os.symlink(path, scans / path.name)
     out = tmp_path / "out"
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
-                "--output_dir", out, "--bundle_root", root, "--sw_overlap", "0.25", *FAST], cwd=tmp_path)
+    run_bundle(infer_args(bundle, scans, out, root, "--sw_overlap", "0.25"), cwd=tmp_path)
     for path in picked:
         seg = out / f"{path.name.split('.')[0]}_seg.nii.gz"
         ref, got = sitk.ReadImage(str(path)), sitk.ReadImage(str(seg))
@@ -197,22 +219,21 @@ def test_inference_on_real_anisotropic_nrrd_and_lps_nifti(trained, tmp_path):
         assert got.GetPixelID() == sitk.sitkUInt8
 
 
-def test_bad_input_image_stops_inference_with_a_clear_error(trained, tmp_path):
+def test_bad_input_image_stops_inference_with_a_clear_error(bundle, trained, tmp_path):
     root, _ = trained
     scans = tmp_path / "scans"
     scans.mkdir()
     _write(scans / "two_channels.nii.gz", np.zeros((20, 20, 20, 2), np.float32), np.eye(4))
-    proc = run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
-                       "--output_dir", tmp_path / "out", "--bundle_root", root, *FAST], cwd=tmp_path, check=False)
+    proc = run_bundle(infer_args(bundle, scans, tmp_path / "out", root), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "two_channels.nii.gz: has 2 channel(s), the model expects 1" in proc.output
 
 
-def test_ddp_with_two_gloo_processes(tmp_path, synthetic_msd):
+def test_ddp_with_two_gloo_processes(bundle, tmp_path, synthetic_msd):
     root = tmp_path / "bundle"
-    proc = run_bundle(["run", "training", "--config_file", config_list(BUNDLE, "train", "multi_gpu_train"),
+    proc = run_bundle(["run", "training", "--config_file", config_list(bundle, "train", "multi_gpu_train"),
                        "--dataset_dir", synthetic_msd, "--bundle_root", root, "--epochs", "2",
-                       "--val_fraction", "0.34", *FAST],  # each rank validates one of two cases
+                       "--val_fraction", "0.34", *FAST, *BUNDLE_TESTS[bundle]["train"]],  # one case per rank
                       cwd=tmp_path, torchrun=2)
     state = torch.load(root / "models" / "training_state.pt", weights_only=True)
     assert state["epoch"] == 2
@@ -222,9 +243,9 @@ def test_ddp_with_two_gloo_processes(tmp_path, synthetic_msd):
     assert len(re.findall(r"Epoch\[2\] Metrics -- train_loss", proc.output)) == 1
 
 
-def test_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
+def test_metadata_net_in_out_and_torchscript_export(bundle, trained, tmp_path):
     root, _ = trained
-    configs = BUNDLES / BUNDLE / "configs"
+    configs = BUNDLES / bundle / "configs"
     schema = tmp_path / "schema.json"
     shutil.copy(shared_schema("meta_schema_20240725.json"), schema)  # verify_metadata downloads it if missing
     run_bundle(["verify_metadata", "--meta_file", configs / "metadata.json", "--filepath", schema], cwd=tmp_path)
@@ -234,75 +255,75 @@ def test_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
     exported = tmp_path / "model.ts"
     run_bundle(["ckpt_export", "network_def", "--filepath", exported, "--ckpt_file", root / "models" / "model.pt",
                 "--meta_file", configs / "metadata.json", "--config_file", configs / "inference.json"], cwd=tmp_path)
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs / "inference.json")
-    net = parser.get_parsed_content("network_def")
+    net = bundle_network(bundle)
     net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     net.eval()
     scripted = torch.jit.load(str(exported))
-    x = torch.randn(1, 1, 48, 48, 48)
+    meta = json.loads((configs / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    inference = json.loads((configs / "inference.json").read_text())
+    x = torch.randn(1, meta["num_channels"], *inference["roi_size"])
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
 
 
-def test_bad_training_data_fails_before_training(tmp_path):
+def test_bad_training_data_fails_before_training(bundle, tmp_path):
     data = make_synthetic_dataset(tmp_path / "bad", num_cases=4, shape=(24, 24, 24))
     label_path = data / "labelsTr" / "synthetic_002.nii.gz"
     label = nib.load(str(label_path))
     values = np.asarray(label.dataobj).copy()
     values[0, 0, 0] = 9
     nib.save(nib.Nifti1Image(values, label.affine), str(label_path))
-    proc = run_bundle(train_args(data, tmp_path / "bundle", 1), cwd=tmp_path, check=False)
+    proc = run_bundle(train_args(bundle, data, tmp_path / "bundle", 1), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "case synthetic_002: label" in proc.output and "value(s) [9] outside the declared labels" in proc.output
     assert "Epoch[1]" not in proc.output
 
-    missing = run_bundle(train_args(tmp_path / "nowhere", tmp_path / "bundle", 1), cwd=tmp_path, check=False)
+    missing = run_bundle(train_args(bundle, tmp_path / "nowhere", tmp_path / "bundle", 1), cwd=tmp_path,
+                         check=False)
     assert missing.returncode != 0
     assert f"dataset_dir '{tmp_path / 'nowhere'}' does not exist" in missing.output
 
 
 @pytest.mark.realdata
-def test_real_hippocampus_short_training_and_inference(tmp_path):
-    hippo = shared_data("Task04_Hippocampus")
+def test_real_hippocampus_short_training_and_inference(bundle, tmp_path):
+    hippo = shared_data(BUNDLE_TESTS[bundle]["real_data"])
     root = tmp_path / "bundle"
-    proc = run_bundle(train_args(hippo, root, 2, "training", "--max_cases", "12"), cwd=tmp_path)
+    proc = run_bundle(train_args(bundle, hippo, root, 2, "training", "--max_cases", "12"), cwd=tmp_path)
     dice = [float(v) for v in re.findall(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([0-9.]+)", proc.output)]
     assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
     scans = tmp_path / "scans"
     scans.mkdir()
-    picked = [hippo / "imagesTs" / "hippocampus_118.nii.gz", *sorted((hippo / "imagesTr").iterdir())[:2]]
+    picked = [*sorted((hippo / "imagesTs").iterdir())[:1], *sorted((hippo / "imagesTr").iterdir())[:2]]
     for path in picked:
         os.symlink(path, scans / path.name)
     out = tmp_path / "out"
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
-                "--output_dir", out, "--bundle_root", root, *FAST], cwd=tmp_path)
+    run_bundle(infer_args(bundle, scans, out, root), cwd=tmp_path)
     for path in picked:
         assert_same_geometry(path, out / path.name.replace(".nii.gz", "_seg.nii.gz"))
 
 
 @pytest.mark.realdata
-def test_brats_two_channel_five_label_override(tmp_path):
+def test_brats_two_channel_five_label_override(bundle, tmp_path):
     brats = shared_data("BraTS2015_deepmedic_subset")
     root = tmp_path / "bundle"
     overrides = ["--in_channels", "2", "--num_classes", "5", "--pixdim", "[2.0,2.0,2.0]",
                  "--label_names", "['background','necrosis','edema','non-enhancing','enhancing']"]
-    proc = run_bundle(train_args(brats, root, 1, "training", *overrides), cwd=tmp_path)
+    proc = run_bundle(train_args(bundle, brats, root, 1, "training", *overrides), cwd=tmp_path)
     assert re.search(r"Epoch\[1\] Metrics -- val_mean_dice: \d", proc.output)
     state_dict = torch.load(root / "models" / "model.pt", weights_only=True)
-    conv_weights = [v for v in state_dict.values() if v.ndim == 5]
-    assert conv_weights[0].shape[1] == 2  # the first convolution takes the 2 MRI channels
-    assert any(v.shape[1] == 5 for v in conv_weights)  # the output (transposed) convolution gives 5 classes
+    net = bundle_network(bundle, in_channels=2, num_classes=5)
+    net.load_state_dict(state_dict)  # the checkpoint is of the 2-channel, 5-class network
+    net.eval()
+    roi = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())["roi_size"]
+    with torch.no_grad():
+        assert net(torch.zeros(1, 2, *roi)).shape[1] == 5
 
     scans = tmp_path / "scans"
     scans.mkdir()
     case = sorted((brats / "imagesTr").iterdir())[0]
     os.symlink(case, scans / case.name)
     out = tmp_path / "out"
-    run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
-                "--output_dir", out, "--bundle_root", root, *overrides[:6], *FAST], cwd=tmp_path)
+    run_bundle(infer_args(bundle, scans, out, root, *overrides[:6]), cwd=tmp_path)
     seg = out / case.name.replace(".nii.gz", "_seg.nii.gz")
     assert_same_geometry(case, seg)
     assert set(np.unique(np.asarray(nib.load(str(seg)).dataobj))) <= set(range(5))

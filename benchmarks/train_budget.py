@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Train a bundle under a fixed wall-clock budget, then score its best checkpoint on the validation split.
+
+It runs the bundle exactly as a user does (`python -m monai.bundle run training ...` with
+``--time_budget_s``, then the evaluate config) and prints epochs finished, seconds per epoch, and the
+per-class Dice and HD95 (mm) of the best model on the bundle's validation split (20 % of the cases, seed 0).
+
+    python benchmarks/train_budget.py unet_segmentation --minutes 15
+    python benchmarks/train_budget.py dnet_segmentation --minutes 15 -- --feature_sizes "[8,16,32,64,128]"
+
+Arguments after ``--`` are passed to both commands as config overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def _per_class(path: Path) -> dict[str, float]:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    return {row[0]: float(row[1]) for row in rows[1:]}  # class -> mean over cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="bundle folder name under bundles/")
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="budget in epochs instead of minutes (fair on a machine shared with other work)")
+    parser.add_argument("--dataset_dir", default=None, help="MSD folder (default: the bundle's default task)")
+    parser.add_argument("--work_dir", default=None, help="bundle_root for the run (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, after --")
+    args = parser.parse_args()
+
+    configs = REPO / "bundles" / args.bundle / "configs"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=f"budget_{args.bundle}_"))
+    common = ["--bundle_root", str(work), *args.overrides]
+    if args.dataset_dir:
+        common += ["--dataset_dir", args.dataset_dir]
+    t0 = time.perf_counter()
+    budget = ["--epochs", str(args.epochs)] if args.epochs else ["--epochs", "1000", "--time_budget_s", str(args.minutes * 60)]
+    log = _run(["run", "training", "--config_file", str(configs / "train.json"), *budget, *common])
+    train_s = time.perf_counter() - t0
+    epoch_times = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in
+                   re.findall(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", log)]
+    val = [float(v) for v in re.findall(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([\d.]+)", log)]
+    _run(["run", "--config_file", f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']", *common])
+    dice, hd95 = _per_class(work / "eval" / "val_mean_dice_summary.csv"), _per_class(work / "eval" / "val_hd95_mm_summary.csv")
+
+    budget_text = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
+    print(f"bundle {args.bundle}, budget {budget_text}, overrides {args.overrides or 'none'}")
+    print(f"training wall time {train_s:.0f} s (incl. start-up and caching), {len(epoch_times)} epochs finished, "
+          f"{sum(epoch_times) / max(1, len(epoch_times)):.1f} s per epoch incl. validation")
+    print(f"validation Dice per epoch: {', '.join(f'{v:.3f}' for v in val)}")
+    print(f"best model on the validation split: " + ", ".join(
+        f"{name} Dice {dice[name]:.3f} HD95 {hd95[name]:.2f} mm" for name in dice))
+    print(f"outputs in {work}")
+
+
+if __name__ == "__main__":
+    main()
