@@ -46,8 +46,10 @@ def main() -> None:
                         help="budget in epochs instead of minutes (fair on a machine shared with other work)")
     parser.add_argument("--dataset_dir", default=None, help="MSD folder (default: the bundle's default task)")
     parser.add_argument("--work_dir", default=None, help="bundle_root for the run (default: a temporary folder)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, after --")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.overrides = argv[split + 1 :]  # config overrides, after --
 
     configs = REPO / "bundles" / args.bundle / "configs"
     work = Path(args.work_dir or tempfile.mkdtemp(prefix=f"budget_{args.bundle}_"))

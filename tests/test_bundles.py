@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 # bundle -> settings: "train"/"infer" extra overrides for quick runs, "real_data" the default task's folder
 BUNDLE_TESTS = {
     "unet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+    "transunet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
 }
 
 
