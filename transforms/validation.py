@@ -56,13 +56,16 @@ class CheckImaged(MapTransform):
             img = d[key]
             source = _source(img, key)
             spatial = tuple(img.shape[1:])
+            if img.numel() == 0:
+                # readers drop the shape of an image without voxels; the header's shape is in the metadata
+                shape = img.meta.get("spatial_shape") if isinstance(img, MetaTensor) else None
+                shape = tuple(int(s) for s in shape) if shape is not None else spatial
+                raise InvalidImageError(f"{source}: has an empty axis (shape {shape})")
             if len(spatial) != self.spatial_dims:
                 raise InvalidImageError(
                     f"{source}: has {len(spatial)} spatial axes (shape {spatial}), the model needs "
                     f"{self.spatial_dims}D volumes"
                 )
-            if min(spatial) == 0:
-                raise InvalidImageError(f"{source}: has an empty axis (shape {spatial})")
             if self.num_channels is not None and img.shape[0] != self.num_channels:
                 raise InvalidImageError(
                     f"{source}: has {img.shape[0]} channel(s), the model expects {self.num_channels}"
