@@ -27,6 +27,9 @@ __all__ = [
     "check_training_data",
     "training_split",
     "inference_datalist",
+    "is_dicom_file",
+    "is_dicom_folder",
+    "check_dicom_series",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -231,11 +234,63 @@ def training_split(
     return {"training": train, "validation": val}
 
 
-def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """Every image to segment under ``dataset_dir``, as ``{"image": path}`` dicts sorted by case name.
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM part-10 file (``DICM`` after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
-    ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage), or an MSD folder, whose ``imagesTr/``
-    and ``imagesTs/`` images are all taken.
+
+def is_dicom_folder(path: str | os.PathLike, probe: int = 20) -> bool:
+    """Whether one of the first ``probe`` files of the folder ``path`` (hidden files aside) is a DICOM file."""
+    files = [f for f in sorted(Path(path).iterdir()) if f.is_file() and not f.name.startswith(".")]
+    return any(is_dicom_file(f) for f in files[:probe])
+
+
+def check_dicom_series(folder: str | os.PathLike) -> None:
+    """Check that ``folder`` holds exactly one complete DICOM series, evenly spaced.
+
+    ITK reads the first series of a folder with several, skips slices whose header it cannot parse and only
+    warns about missing slices, so without this check a folder of bad slices gives a segmentation on a wrong
+    grid instead of an error.
+
+    Raises:
+        DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
+            or repeated slice positions).
+    """
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) != 1:
+        found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
+        raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    dicom = [f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f)]
+    if len(dicom) != len(files):
+        raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
+                           "slices of the series (truncated or damaged?)")
+    if len(files) < 2:
+        return
+    positions = []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        reader.ReadImageInformation()
+        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(reader.GetOrigin(), normal)))
+    gaps = np.diff(np.sort(positions))
+    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
+        raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
+                           f"to {gaps.max():.3g} mm); missing or extra slices?")
+
+
+def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Every image to segment under ``dataset_dir``, as ``{"image": path, "case": name}`` dicts sorted by name.
+
+    ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage) and of DICOM series, one series per
+    sub-folder, or an MSD folder, whose ``imagesTr/`` and ``imagesTs/`` are read the same way. The case name is
+    the file name without its extension, or the name of the series' folder. Sub-folders without DICOM files and
+    hidden files are ignored.
 
     Raises:
         DatasetError: the folder does not exist, holds no image, or two images share a case name (their
@@ -245,18 +300,22 @@ def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     folders = [root / sub for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir()] if (
         (root / "dataset.json").is_file()
     ) else [root]
-    files = [
-        str(f)
-        for folder in folders
-        for f in sorted(folder.iterdir())
-        if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith(".")
-    ]
-    if not files:
-        raise DatasetError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) to segment")
+    inputs: list[tuple[str, str]] = []
+    for folder in folders:
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES):
+                inputs.append((case_name(f), str(f)))
+            elif f.is_dir() and is_dicom_folder(f):
+                inputs.append((f.name, str(f)))
+    if not inputs:
+        raise DatasetError(
+            f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders to segment"
+        )
     seen: dict[str, str] = {}
-    for f in files:
-        name = case_name(f)
+    for name, path in inputs:
         if name in seen:
-            raise DatasetError(f"{seen[name]} and {f} have the same case name {name!r}; outputs would collide")
-        seen[name] = f
-    return [{"image": seen[name]} for name in sorted(seen)]
+            raise DatasetError(f"{seen[name]} and {path} have the same case name {name!r}; outputs would collide")
+        seen[name] = path
+    return [{"image": seen[name], "case": name} for name in sorted(seen)]
