@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Machinery the bundles share: datalists and data checks, handlers, metrics, paths, demo data, config generation.
+"""Machinery the bundles share: datalists and data checks, batch inference, handlers, metrics, paths, demo data,
+config generation.
 
 Bundle configs reach it as ``$bundletools.<name>`` expressions and ``bundletools.<name>`` targets; the package is
 installed (``pip install -e .``), so this works from any working directory, in torchrun workers and in MONAI
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .batch import BatchInference
 from .data import DatasetError, inference_datalist, training_split
 from .handlers import ResumableCheckpoint
 from .metrics import HausdorffDistanceMM
@@ -19,6 +21,7 @@ __all__ = [
     "REPO_ROOT",
     "bundle_path",
     "default_dataset_dir",
+    "BatchInference",
     "DatasetError",
     "inference_datalist",
     "training_split",

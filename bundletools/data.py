@@ -284,7 +284,7 @@ def check_dicom_series(folder: str | os.PathLike) -> None:
                            f"to {gaps.max():.3g} mm); missing or extra slices?")
 
 
-def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise") -> list[dict[str, str]]:
     """Every image to segment under ``dataset_dir``, as ``{"image": path, "case": name}`` dicts sorted by name.
 
     ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage) and of DICOM series, one series per
@@ -292,10 +292,18 @@ def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     the file name without its extension, or the name of the series' folder. Sub-folders without DICOM files and
     hidden files are ignored.
 
+    Args:
+        dataset_dir: the folder.
+        duplicates: what to do when two inputs share a case name (their outputs would overwrite each other):
+            ``"raise"`` a :class:`DatasetError`, or ``"fail"``: keep both entries with an ``"error"`` saying so,
+            which the batch runner reports as failed cases while it segments the others.
+
     Raises:
-        DatasetError: the folder does not exist, holds no image, or two images share a case name (their
-            outputs would overwrite each other).
+        DatasetError: the folder does not exist or holds no image; with ``duplicates="raise"``, two images
+            share a case name.
     """
+    if duplicates not in ("raise", "fail"):
+        raise ValueError(f"duplicates must be 'raise' or 'fail', got {duplicates!r}")
     root = _existing_dir(dataset_dir)
     folders = [root / sub for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir()] if (
         (root / "dataset.json").is_file()
@@ -313,9 +321,18 @@ def inference_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
         raise DatasetError(
             f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders to segment"
         )
-    seen: dict[str, str] = {}
+    by_name: dict[str, list[str]] = {}
     for name, path in inputs:
-        if name in seen:
-            raise DatasetError(f"{seen[name]} and {path} have the same case name {name!r}; outputs would collide")
-        seen[name] = path
-    return [{"image": seen[name], "case": name} for name in sorted(seen)]
+        by_name.setdefault(name, []).append(path)
+    datalist = []
+    for name in sorted(by_name):
+        paths = by_name[name]
+        if len(paths) > 1 and duplicates == "raise":
+            raise DatasetError(f"{paths[0]} and {paths[1]} have the same case name {name!r}; outputs would collide")
+        for path in paths:
+            item = {"image": path, "case": name}
+            if len(paths) > 1:
+                others = ", ".join(Path(p).name for p in paths if p != path)
+                item["error"] = f"{Path(path).name}: has the same case name {name!r} as {others}; rename one of them"
+            datalist.append(item)
+    return datalist
