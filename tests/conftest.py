@@ -38,14 +38,28 @@ def shared_schema(name: str) -> Path:
     return path
 
 
-def run_bundle(args: list[str], cwd: Path, check: bool = True, timeout: int = 900, torchrun: int = 0):
-    """Run ``python -m monai.bundle <args>`` (or under torchrun with that many processes) as a user would."""
-    launcher = [sys.executable, "-m", "monai.bundle"]
+def subprocess_env() -> dict[str, str]:
+    """Environment of the commands the tests start: without PYTHONPATH, so that nothing depends on it.
+
+    The one exception is this checkout itself: when the tests were started with it on PYTHONPATH (a git worktree
+    of a repository installed in editable mode from elsewhere), the commands must run this checkout's code too.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if str(REPO) in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        env["PYTHONPATH"] = str(REPO)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_bundle(args: list[str], cwd: Path, check: bool = True, timeout: int = 900, torchrun: int = 0,
+               module: str = "monai.bundle"):
+    """Run ``python -m monai.bundle <args>`` (or under torchrun with that many processes) as a user would;
+    ``module`` runs another command line the same way."""
+    launcher = [sys.executable, "-m", module]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-                    "-m", "monai.bundle"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.setdefault("OMP_NUM_THREADS", "2")
+                    "-m", module]
+    env = subprocess_env()
     proc = subprocess.run(launcher + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     proc.output = proc.stdout + proc.stderr

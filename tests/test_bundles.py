@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from bundletools.demo import make_synthetic_dataset
-from tests.conftest import BUNDLES, config_list, run_bundle, shared_data, shared_schema
+from tests.conftest import BUNDLES, config_list, run_bundle, shared_data, shared_schema, subprocess_env
 
 FAST = ["--num_workers", "0"]
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_killed_training_resumes_from_last_finished_epoch(bundle, tmp_path, synt
     root = tmp_path / "bundle"
     args = train_args(bundle, synthetic_msd, root, 4)
     state = root / "models" / "training_state.pt"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -173,8 +173,8 @@ def test_inference_keeps_exact_geometry_for_ras_lps_and_oblique_inputs(bundle, t
               _write(scans / "oblique.nii.gz", volume[:, :, :9], oblique)]
     out = tmp_path / "out"
     run_bundle(infer_args(bundle, scans, out, root), cwd=tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["lps_case_seg.nii.gz", "oblique_seg.nii.gz",
-                                                      "ras_case_seg.nii.gz"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["lps_case_seg.nii.gz", "oblique_seg.nii.gz",
+                                                             "ras_case_seg.nii.gz"]
     for path in inputs:
         seg = out / f"{path.name.split('.')[0]}_seg.nii.gz"
         assert_same_geometry(path, seg)
@@ -186,7 +186,7 @@ def test_inference_over_msd_folder_segments_every_image(bundle, trained, synthet
     out = tmp_path / "out"
     run_bundle(infer_args(bundle, synthetic_msd, out, root), cwd=tmp_path)
     cases = sorted(p.name.replace(".nii.gz", "") for p in (synthetic_msd / "imagesTr").iterdir())
-    assert sorted(p.name for p in out.iterdir()) == [f"{c}_seg.nii.gz" for c in cases]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}_seg.nii.gz" for c in cases]
     dice = []
     for case in cases:
         seg = np.asarray(nib.load(str(out / f"{case}_seg.nii.gz")).dataobj)
@@ -220,14 +220,16 @@ def test_inference_on_real_anisotropic_nrrd_and_lps_nifti(bundle, trained, tmp_p
         assert got.GetPixelID() == sitk.sitkUInt8
 
 
-def test_bad_input_image_stops_inference_with_a_clear_error(bundle, trained, tmp_path):
+def test_bad_input_image_fails_with_a_clear_error(bundle, trained, tmp_path):
     root, _ = trained
     scans = tmp_path / "scans"
     scans.mkdir()
     _write(scans / "two_channels.nii.gz", np.zeros((20, 20, 20, 2), np.float32), np.eye(4))
     proc = run_bundle(infer_args(bundle, scans, tmp_path / "out", root), cwd=tmp_path, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the batch finished, a case failed (tests/test_batch_inference.py has the rest)
     assert "two_channels.nii.gz: has 2 channel(s), the model expects 1" in proc.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(c["case"], c["status"]) for c in report["cases"]] == [("two_channels", "failed")]
 
 
 def test_ddp_with_two_gloo_processes(bundle, tmp_path, synthetic_msd):
