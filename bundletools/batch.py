@@ -352,7 +352,7 @@ class BatchInference:
             reason, outputs = sample.get("error", ""), None
             if not reason:
                 try:
-                    outputs = self._segment(case, sample["data"])
+                    outputs = self._segment(case, sample.pop("data"))
                 except Exception as e:  # this case failed; the batch goes on
                     reason = failure_reason(e, self.dataset.data[index][self.image_key], "segmentation failed")
                     sample["traceback"] = traceback.format_exc()
@@ -385,7 +385,7 @@ class BatchInference:
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             ops = list(image.applied_operations) if isinstance(image, MetaTensor) else []
             data[self.pred_key] = MetaTensor(logits[0].float(), meta=meta, applied_operations=ops)
-            del logits
+            del logits, image
             if self.postprocessing is not None:
                 data = self.postprocessing(data)
             return self._write(case, data)
