@@ -122,7 +122,8 @@ def make_scans(folder: Path) -> Path:
     zyx = np.ascontiguousarray(volume.transpose(2, 1, 0))
     flipped = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # axes swapped, z reversed
     sitk.WriteImage(_sitk(zyx, (0.7, 0.8, 2.5), (5.0, -7.0, 12.0), flipped), str(folder / "lps.nrrd"))
-    sitk.WriteImage(_sitk(zyx, (1.2, 0.9, 1.5), (-3.0, 4.0, 0.5), (1, 0, 0, 0, 1, 0, 0, 0, 1)), str(folder / "meta.mha"))
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    sitk.WriteImage(_sitk(zyx, (1.2, 0.9, 1.5), (-3.0, 4.0, 0.5), identity), str(folder / "meta.mha"))
     sitk.WriteImage(_sitk(zyx, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1)),
                     str(folder / "header.mhd"))
     c, s = np.cos(np.deg2rad(15)), np.sin(np.deg2rad(15))
@@ -142,15 +143,15 @@ def make_scans(folder: Path) -> Path:
     nib.save(nib.Nifti1Image(nan, affine), folder / "nan_voxels.nii.gz")
     inf = zyx.copy()
     inf[2, 3, 4] = np.inf
-    sitk.WriteImage(_sitk(inf, (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), str(folder / "inf_voxels.mha"))
+    sitk.WriteImage(_sitk(inf, (1, 1, 1), (0, 0, 0), identity), str(folder / "inf_voxels.mha"))
     nib.save(nib.Nifti1Image(np.zeros((20, 0, 20), np.float32), affine), folder / "empty_axis.nii.gz")
     for i, uid in enumerate(("1.2.826.0.1.3680043.2.1125.7.2", "1.2.826.0.1.3680043.2.1125.7.3")):
         write_dicom_series(folder / "two_series" / str(i), zyx[:6] * 100, (1, 1, 2), (0, 0, 10 * i),
-                           (1, 0, 0, 0, 1, 0, 0, 0, 1), uid)
+                           identity, uid)
         for f in (folder / "two_series" / str(i)).iterdir():
             f.rename(folder / "two_series" / f"{i}_{f.name}")
         (folder / "two_series" / str(i)).rmdir()
-    write_dicom_series(folder / "broken_series", zyx[:12] * 100, (1, 1, 2), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    write_dicom_series(folder / "broken_series", zyx[:12] * 100, (1, 1, 2), (0, 0, 0), identity,
                        "1.2.826.0.1.3680043.2.1125.7.4")
     slice_5 = folder / "broken_series" / "slice_005.dcm"
     slice_5.write_bytes(slice_5.read_bytes()[:600])  # a truncated transfer: the header is cut
@@ -288,8 +289,8 @@ def test_torchrun_two_processes_split_the_cases(first_run, scans, unet_root, tmp
     first = report_of(first_out)
     assert {n: r["status"] for n, r in report_of(out).items()} == {n: r["status"] for n, r in first.items()}
     for case in GOOD.values():  # the same weights give the same segmentation whichever process ran it
-        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_seg.nii.gz")))
-        np.testing.assert_array_equal(ours, sitk.GetArrayFromImage(sitk.ReadImage(str(first_out / f"{case}_seg.nii.gz"))))
+        ours, single = (sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"{case}_seg.nii.gz"))) for d in (out, first_out))
+        np.testing.assert_array_equal(ours, single)
     assert not list(out.glob(".report.rank*")) and not list(out.glob(f"{TMP_PREFIX}*"))
 
 
@@ -439,7 +440,8 @@ def test_failure_reason_is_one_line_naming_file_and_cause():
     assert reason == ("case_7.nii.gz: cannot read the image (EOFError: Compressed file ended before the "
                       "end-of-stream marker)")
     itk = RuntimeError("/src/ITK/itkNrrdImageIO.cxx:935:\nITK ERROR: NrrdImageIO(0x55d1): Read: Error reading x")
-    assert failure_reason(itk, "/in/x.nrrd") == "x.nrrd: failed (RuntimeError: ITK ERROR: NrrdImageIO: Read: Error reading x)"
+    assert failure_reason(itk, "/in/x.nrrd") == ("x.nrrd: failed (RuntimeError: ITK ERROR: NrrdImageIO: Read: Error "
+                                                 "reading x)")
     assert len(failure_reason(ValueError("y" * 2000), "/in/a.mha")) == 400
 
 
