@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
          + common + dirs)
     _run(monai_bundle + ["--config_file", f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']"]
          + common + dirs)
+    # --overwrite: a repeated demo may have trained a different model; batch inference would keep the old outputs
     _run(monai_bundle + ["--config_file", str(configs / "inference.json"), "--ckpt_dir", str(work / "models"),
-                         "--output_dir", str(work / "segmentations")] + common)
+                         "--output_dir", str(work / "segmentations"), "--overwrite", "True"] + common)
     print(f"\nDemo finished in {time.time() - start:.0f} s:")
     print(f"  model:          {work / 'models' / 'model.pt'}")
     print(f"  metrics:        {work / 'eval'} (metrics.csv, *_raw.csv)")
