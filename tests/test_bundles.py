@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 BUNDLE_TESTS = {
     "unet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
     "transunet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+    "dnet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
 }
 
 
