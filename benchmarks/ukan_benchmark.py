@@ -11,11 +11,14 @@
 
 On a machine shared with other jobs, ``--threads 1`` gives the steadiest times: with more threads than free
 cores, each parallel operation waits for its slowest thread.
-3. With ``--train_epochs N``: the validation Dice and HD95 of the bundle trained for N epochs on its default task
-   with KAN and with ``--use_kan False`` (``benchmarks/train_budget.py``, same epochs, data split and seed).
+3. With ``--train_minutes M`` (or ``--train_epochs N``): the validation Dice and HD95 of the bundle trained on its
+   default task for the same budget in three arms (``benchmarks/train_budget.py``, same data split and seed):
+   the default (KAN, spline parameters at ``kan_learning_rate`` 1e-2), ``--use_kan False`` (MLP blocks, every
+   parameter at ``learning_rate`` 1e-3) and the control ``--kan_learning_rate 1e-3`` (KAN at the MLP's learning
+   rate), which separates the effect of the splines from that of the learning-rate split.
 
     python benchmarks/ukan_benchmark.py                       # 1 and 2, a few minutes on 2 cores
-    python benchmarks/ukan_benchmark.py --train_epochs 3 -- --max_cases 40 --num_workers 0   # also 3
+    python benchmarks/ukan_benchmark.py --skip_speed --train_minutes 8 -- --num_workers 2   # 3 only
 """
 
 from __future__ import annotations
@@ -131,12 +134,20 @@ def speed_table(net_args: dict, shape: list[int], threads: int) -> None:
         print(f"{name:<14} " + out[-1])
 
 
-def train_table(epochs: int, overrides: list[str]) -> None:
-    print(f"\n## {BUNDLE} trained for {epochs} epochs on its default task, with and without KAN")
-    for extra in ([], ["--use_kan", "False"]):
-        out = subprocess.run([sys.executable, str(BENCHMARKS / "train_budget.py"), "--epochs", str(epochs), BUNDLE,
+TRAIN_ARMS = {
+    "KAN, kan_learning_rate 1e-2 (default)": [],
+    "MLP (use_kan False), 1e-3": ["--use_kan", "False"],
+    "KAN, kan_learning_rate 1e-3 (control)": ["--kan_learning_rate", "1e-3"],
+}
+
+
+def train_table(budget: list[str], overrides: list[str]) -> None:
+    print(f"\n## {BUNDLE} trained on its default task, budget {' '.join(budget)} per arm", flush=True)
+    for name, extra in TRAIN_ARMS.items():
+        # options before the bundle name: argparse takes the overrides after "--" only when they follow it
+        out = subprocess.run([sys.executable, str(BENCHMARKS / "train_budget.py"), *budget, BUNDLE,
                               "--", *overrides, *extra], capture_output=True, text=True)
-        print(out.stdout.strip() or out.stderr[-3000:])
+        print(f"\n### {name}\n" + (out.stdout.strip() or out.stderr[-3000:]), flush=True)
 
 
 def main() -> None:
@@ -146,20 +157,25 @@ def main() -> None:
     parser.add_argument("--batch", default="4,1,32,64,32", help="training batch shape for the network timings")
     parser.add_argument("--flops_shapes", nargs="+", default=["1,1,32,64,32", "1,1,96,96,96"],
                         help="input shapes for the FLOP count")
-    parser.add_argument("--train_epochs", type=int, default=0, help="also train with and without KAN (0: skip)")
+    parser.add_argument("--train_epochs", type=int, default=0, help="also train the three arms for N epochs")
+    parser.add_argument("--train_minutes", type=float, default=0, help="also train the three arms for M minutes")
+    parser.add_argument("--skip_speed", action="store_true", help="skip parts 1 and 2")
     parser.add_argument("overrides", nargs="*", help="config overrides for both training runs, after --")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     net_args = bundle_network_args()
     print(f"torch {torch.__version__}, CPU, {args.threads} threads; bundle network_def: {net_args}")
-    kan_linear_table(args.threads, args.rounds)
-    for shape in args.flops_shapes:
-        params_flops_table(net_args, [int(s) for s in shape.split(",")])
-    batch = [int(s) for s in args.batch.split(",")]
-    network_table(net_args, batch, args.threads, max(2, args.rounds // 4))
-    speed_table(net_args, batch, args.threads)
-    if args.train_epochs:
-        train_table(args.train_epochs, args.overrides)
+    if not args.skip_speed:
+        kan_linear_table(args.threads, args.rounds)
+        for shape in args.flops_shapes:
+            params_flops_table(net_args, [int(s) for s in shape.split(",")])
+        batch = [int(s) for s in args.batch.split(",")]
+        network_table(net_args, batch, args.threads, max(2, args.rounds // 4))
+        speed_table(net_args, batch, args.threads)
+    if args.train_minutes:
+        train_table(["--minutes", str(args.train_minutes)], args.overrides)
+    elif args.train_epochs:
+        train_table(["--epochs", str(args.train_epochs)], args.overrides)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ pytestmark = pytest.mark.slow
 BUNDLE_TESTS = {
     "unet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
     "transunet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+    "dnet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+    "ukan_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
+    "csam_unet_segmentation": {"train": ["--roi_size", "[32,32,8]"], "infer": ["--roi_size", "[32,32,8]"],
+                               "real_data": "Task04_Hippocampus"},
 }
 
 

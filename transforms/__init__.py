@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .slices import SliceAxisLast, SliceAxisLastd, SplitUncertaintyd, slice_last_order
 from .validation import CheckImaged, InvalidImageError
 
-__all__ = ["CheckImaged", "InvalidImageError"]
+__all__ = ["CheckImaged", "InvalidImageError", "SliceAxisLast", "SliceAxisLastd", "SplitUncertaintyd",
+           "slice_last_order"]
