@@ -163,6 +163,8 @@ class BatchInference:
             image's metadata); must leave every key of ``outputs`` on the input's grid (e.g. with ``Invertd``).
         ckpt_path: weights to load before the run (a state dict, or ``{"model": state dict}``); ``None`` keeps
             the network as it is.
+        weights_network: the module that takes the checkpoint's weights, when ``network`` wraps it (e.g.
+            :class:`networks.wrappers.MonteCarloUncertainty`); default ``network``.
         device: device of the network.
         amp: CUDA automatic mixed precision.
         outputs: ``{key: {"postfix": ..., "dtype": ...}}``: which keys of the postprocessed case are written, as
@@ -188,6 +190,7 @@ class BatchInference:
         inferer: Callable,
         postprocessing: Callable | None = None,
         ckpt_path: str | os.PathLike | None = None,
+        weights_network: torch.nn.Module | None = None,
         device: str | torch.device = "cpu",
         amp: bool = False,
         outputs: Mapping[str, Mapping[str, str]] | None = None,
@@ -208,6 +211,7 @@ class BatchInference:
         self.inferer = inferer
         self.postprocessing = postprocessing
         self.ckpt_path = ckpt_path
+        self.weights_network = network if weights_network is None else weights_network
         self.device = torch.device(device)
         self.amp = bool(amp)
         self.outputs = {k: dict(v) for k, v in (outputs or DEFAULT_OUTPUTS).items()}
@@ -302,7 +306,7 @@ class BatchInference:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
             state = state["model"]
-        getattr(self.network, "module", self.network).load_state_dict(state)
+        getattr(self.weights_network, "module", self.weights_network).load_state_dict(state)
 
     def _lock(self):
         """Hold an exclusive lock on ``output_dir`` for the run, or fail naming the folder."""
