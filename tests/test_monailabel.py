@@ -143,8 +143,9 @@ def server(tmp_path_factory):
         "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
     })
     env.setdefault("OMP_NUM_THREADS", "2")
-    subprocess.run([str(executable), "apps", "--download", "--name", "monaibundle", "--output", str(root / "apps")],
-                   env=env, cwd=root, check=True, capture_output=True, timeout=300)
+    download = subprocess.run([str(executable), "apps", "--download", "--name", "monaibundle", "--output",
+                               str(root / "apps")], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert download.returncode == 0, f"monailabel apps --download failed:\n{download.stdout}\n{download.stderr}"
     model_dir = root / "apps" / "monaibundle" / "model"
     model_dir.mkdir(exist_ok=True)
     for name in BUNDLE_NAMES:
