@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -17,7 +19,8 @@ from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
 from monai.handlers import metrics_saver as metrics_saver_module
 
-__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "atomic_torch_save"]
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "atomic_torch_save",
+           "datalist_fingerprint"]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -43,6 +46,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+def datalist_fingerprint(data: Sequence[Mapping[str, Any]]) -> str:
+    """A hash of the file names (not the folders) of every ``image`` and ``label`` of a datalist, in any order:
+    the same cases give the same fingerprint after the dataset folder was moved."""
+
+    def names(value: Any) -> list[str]:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [os.path.basename(str(v)) for v in values]
+
+    cases = sorted(json.dumps([names(item.get("image")), names(item.get("label"))]) for item in data)
+    return hashlib.sha256("\n".join(cases).encode()).hexdigest()
+
+
 def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -63,6 +78,12 @@ class ResumableCheckpoint:
     carries over (a worse epoch after the restart does not overwrite ``model.pt``). The trainer keeps the
     ``max_epochs`` of the current run, so a finished run can be extended by raising ``epochs``.
 
+    With ``data`` (the training datalist), the state also records which cases were trained on (file names of
+    every image and label), and a state from a different set of cases is not resumed: that run starts at
+    epoch 1 from the weights the network already has. This is what MONAI Label needs: each of its training
+    requests passes the labels done so far as ``train#dataset#data`` and loads ``model.pt`` first, so a request
+    with new labels trains a new run instead of finding the state of an earlier run "finished".
+
     Both files are written atomically (temporary file, then rename) and only by rank 0 under DDP. Put the
     unwrapped network in ``save_dict`` (``network_def``, not the DDP wrapper) so the keys have no ``module.``
     prefix.
@@ -75,6 +96,8 @@ class ResumableCheckpoint:
         model_key: key of the model in ``save_dict``.
         best_filename: file name of the best model.
         state_filename: file name of the training state.
+        data: the training datalist (dicts whose ``image``/``label`` are paths or lists of paths); ``None``
+            resumes whatever state there is.
     """
 
     def __init__(
@@ -85,6 +108,7 @@ class ResumableCheckpoint:
         model_key: str = "model",
         best_filename: str = "model.pt",
         state_filename: str = "training_state.pt",
+        data: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         if model_key not in save_dict:
             raise ValueError(f"save_dict must hold the model under {model_key!r}, got keys {list(save_dict)}")
@@ -94,6 +118,7 @@ class ResumableCheckpoint:
         self.model_key = model_key
         self.best_path = self.ckpt_dir / best_filename
         self.state_path = self.ckpt_dir / state_filename
+        self.data_fingerprint = None if data is None else datalist_fingerprint(data)
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -110,6 +135,13 @@ class ResumableCheckpoint:
             raise RuntimeError(
                 f"cannot resume from {self.state_path} ({type(e).__name__}: {e}); delete it to start over"
             ) from e
+        recorded = state.get("data_fingerprint")
+        if self.data_fingerprint is not None and recorded is not None and recorded != self.data_fingerprint:
+            self.logger.info(
+                f"{self.state_path} is the state of a run on other training cases: not resumed; training starts "
+                "at epoch 1 from the current weights and replaces that state."
+            )
+            return
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load={**self.save_dict, "trainer": engine}, checkpoint=state)
         engine.state.max_epochs = max_epochs
@@ -133,6 +165,8 @@ class ResumableCheckpoint:
         state = {name: _to_cpu(obj.state_dict()) for name, obj in self.save_dict.items()}
         state["trainer"] = engine.state_dict()
         state["epoch"] = epoch  # ignite's state dict keeps only the iteration count
+        if self.data_fingerprint is not None:
+            state["data_fingerprint"] = self.data_fingerprint
         if self.evaluator is not None:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)

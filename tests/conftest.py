@@ -38,6 +38,18 @@ def shared_schema(name: str) -> Path:
     return path
 
 
+def monailabel_executable() -> Path:
+    """The ``monailabel`` command of the MONAI Label venv: ``$MONAILABEL_BIN``, else ``.venv-monailabel/bin/monailabel``
+    (``scripts/setup_monailabel.sh``). Skips without it; fails instead when ``REQUIRE_MONAILABEL=1`` (CI)."""
+    path = Path(os.environ.get("MONAILABEL_BIN", REPO / ".venv-monailabel" / "bin" / "monailabel"))
+    if not path.is_file():
+        message = f"MONAI Label is not installed at {path} (bash scripts/setup_monailabel.sh, or set MONAILABEL_BIN)"
+        if os.environ.get("REQUIRE_MONAILABEL") == "1":
+            pytest.fail(message + " and REQUIRE_MONAILABEL=1")
+        pytest.skip(message)
+    return path
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment of the commands the tests start: without PYTHONPATH, so that nothing depends on it.
 

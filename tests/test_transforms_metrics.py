@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric
 
 from bundletools import HausdorffDistanceMM
-from transforms import CheckImaged, InvalidImageError
+from transforms import CheckImaged, InvalidImageError, SpacingMetaSafed
 
 
 def _image(shape, value=1.0, name="/data/scan_007.nii.gz"):
@@ -36,6 +36,38 @@ def test_check_imaged_passes_good_images_through_unchanged():
 def test_check_imaged_names_file_and_problem(shape, value, message):
     with pytest.raises(InvalidImageError, match=message):
         CheckImaged("image", num_channels=1)({"image": _image(shape, value)})
+
+
+def test_spacing_meta_safe_keeps_monai_label_strings_out_of_spacingd(monkeypatch):
+    """MONAI 1.6's Spacingd calls ``.update`` on every ``image_*`` entry; MONAI Label adds ``image_path`` (a str).
+    Whatever the installed MONAI does, Spacingd itself must only see mapping-valued ``image_*`` entries, and the
+    result must be Spacingd's, invertible, with ``image_path`` back unchanged."""
+    from monai.transforms import Invertd, Spacingd
+
+    original = Spacingd.__call__
+
+    def strict_call(self, data, lazy=None):
+        bad = [k for k, v in data.items() if str(k).startswith("image_") and not isinstance(v, dict)]
+        assert not bad, f"Spacingd got non-dict image_* entries {bad} (MONAI 1.6 fails on them)"
+        return original(self, data, lazy=lazy)
+
+    monkeypatch.setattr(Spacingd, "__call__", strict_call)
+    affine = torch.diag(torch.tensor([2.0, 1.0, 1.5, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.rand(1, 10, 12, 8), affine=affine, meta={"filename_or_obj": "/s/scan.nii.gz"})
+    data = {"image": image, "image_path": "/s/scan.nii.gz", "image_meta_dict": {"filename_or_obj": "/s/scan.nii.gz"},
+            "model": "unet_segmentation"}
+    with pytest.raises(AssertionError, match="image_path"):
+        Spacingd("image", pixdim=(1.0, 1.0, 1.0))(dict(data))
+
+    transform = SpacingMetaSafed("image", pixdim=(1.0, 1.0, 1.0))
+    out = transform(dict(data))
+    assert out["image_path"] == "/s/scan.nii.gz" and out["model"] == "unet_segmentation"
+    reference = Spacingd("image", pixdim=(1.0, 1.0, 1.0))({"image": image.clone()})["image"]
+    assert out["image"].shape == reference.shape != image.shape
+    torch.testing.assert_close(out["image"].as_tensor(), reference.as_tensor())
+    out["pred"] = out["image"].clone()
+    inverted = Invertd("pred", transform=transform, orig_keys="image")(out)
+    assert inverted["pred"].shape == (1, 10, 12, 8)
 
 
 def _sphere(shape, centre, radius):

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from .slices import SliceAxisLast, SliceAxisLastd, SplitUncertaintyd, slice_last_order
+from .spatial import SpacingMetaSafed
 from .validation import CheckImaged, InvalidImageError
 
-__all__ = ["CheckImaged", "InvalidImageError", "SliceAxisLast", "SliceAxisLastd", "SplitUncertaintyd",
-           "slice_last_order"]
+__all__ = ["CheckImaged", "InvalidImageError", "SliceAxisLast", "SliceAxisLastd", "SpacingMetaSafed",
+           "SplitUncertaintyd", "slice_last_order"]

@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ResumableCheckpoint on a toy ignite engine: resuming the same run, and not resuming a run on other cases
+(what MONAI Label's training requests need)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from ignite.engine import Engine
+
+from bundletools.handlers import ResumableCheckpoint, datalist_fingerprint
+
+CASES = [{"image": f"/data/imagesTr/case_{i}.nii.gz", "label": f"/data/labelsTr/case_{i}.nii.gz"} for i in range(4)]
+
+
+def _train(ckpt_dir, data, epochs, seed=0):
+    """Train a linear layer for ``epochs`` with a ResumableCheckpoint; return (trainer, model)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    ResumableCheckpoint(ckpt_dir, {"model": model, "optimizer": optimizer}, data=data).attach(trainer)
+    trainer.run([0, 1], max_epochs=epochs)
+    return trainer, model
+
+
+def test_fingerprint_ignores_folders_and_order_but_not_cases():
+    moved = [{k: v.replace("/data/", "/elsewhere/") for k, v in c.items()} for c in reversed(CASES)]
+    assert datalist_fingerprint(moved) == datalist_fingerprint(CASES)
+    assert datalist_fingerprint(CASES[:3]) != datalist_fingerprint(CASES)
+    relabelled = [dict(CASES[0], label="/data/labelsTr/other.nii.gz")] + CASES[1:]
+    assert datalist_fingerprint(relabelled) != datalist_fingerprint(CASES)
+    multichannel = [{"image": ["/a/t1.nii.gz", "/a/t2.nii.gz"], "label": "/a/seg.nii.gz"}]
+    assert datalist_fingerprint(multichannel) != datalist_fingerprint([{"image": "/a/t1.nii.gz",
+                                                                        "label": "/a/seg.nii.gz"}])
+
+
+def test_same_cases_resume_other_cases_start_a_new_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    _train(tmp_path, CASES, 2)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["data_fingerprint"] == datalist_fingerprint(CASES)
+
+    trainer, _ = _train(tmp_path, CASES, 3)  # same cases: continues with epoch 3
+    assert "epoch 2 was the last finished, continuing" in caplog.text
+    assert trainer.state.epoch == 3
+
+    caplog.clear()
+    trainer, model = _train(tmp_path, CASES + [{"image": "/new/case_9.nii.gz", "label": "/new/case_9.nii.gz"}], 2,
+                            seed=1)
+    assert "run on other training cases: not resumed" in caplog.text
+    assert trainer.state.epoch == 2  # two epochs trained, not "3 finished epochs of 2: nothing to do"
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["data_fingerprint"] != datalist_fingerprint(CASES)
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], model.weight)
+
+
+def test_without_data_any_state_is_resumed(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    _train(tmp_path, CASES, 2)
+    _train(tmp_path, None, 2)
+    assert "records 2 finished epochs of 2: nothing to do" in caplog.text
