@@ -84,7 +84,8 @@ class ResumableCheckpoint:
     requests passes the labels done so far as ``train#dataset#data`` and loads ``model.pt`` first, so a request
     with new labels trains a new run instead of finding the state of an earlier run "finished".
 
-    Both files are written atomically (temporary file, then rename) and only by rank 0 under DDP. Put the
+    Both files are written atomically (temporary file, then rename) and only by rank 0 under DDP; a kill during a
+    write can leave only a hidden temporary file, which the next start removes. Put the
     unwrapped network in ``save_dict`` (``network_def``, not the DDP wrapper) so the keys have no ``module.``
     prefix.
 
@@ -125,7 +126,18 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.STARTED, self.resume)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of a run killed while it wrote a checkpoint (rank 0; a temporary file is
+        never read, and a run on the same ``ckpt_dir`` at the same time is not supported anyway)."""
+        if not _is_main_process():
+            return
+        for path in (self.best_path, self.state_path):
+            for tmp in path.parent.glob(f".{path.name}.tmp*"):
+                tmp.unlink(missing_ok=True)
+                self.logger.info(f"Removed {tmp}, a half-written checkpoint of a killed run.")
+
     def resume(self, engine: Engine) -> None:
+        self.remove_stale_temporaries()
         if not self.state_path.is_file():
             self.logger.info(f"No training state at {self.state_path}: training starts at epoch 1.")
             return

@@ -67,3 +67,16 @@ def test_without_data_any_state_is_resumed(tmp_path, caplog):
     _train(tmp_path, CASES, 2)
     _train(tmp_path, None, 2)
     assert "records 2 finished epochs of 2: nothing to do" in caplog.text
+
+
+def test_start_removes_half_written_checkpoints_of_a_killed_run_and_resumes(tmp_path):
+    _train(tmp_path, CASES, 2)
+    stale = [tmp_path / ".training_state.pt.tmp4242", tmp_path / ".model.pt.tmp4242"]
+    for path in stale:  # what a SIGKILL during torch.save leaves
+        path.write_bytes(b"half a checkpoint")
+    other = tmp_path / "notes.tmp"
+    other.write_text("not ours")
+    trainer, _ = _train(tmp_path, CASES, 3)
+    assert trainer.state.epoch == 3
+    assert not any(path.exists() for path in stale)
+    assert other.exists()
