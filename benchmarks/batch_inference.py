@@ -118,7 +118,8 @@ def main() -> None:
         for pipeline in PIPELINES:
             out = work / f"out_{pipeline}"
             proc = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--child", pipeline, str(scans),
-                                   str(out), str(ckpt), str(args.num_workers)], capture_output=True, text=True)
+                                   str(out), str(ckpt), str(args.num_workers)], capture_output=True, text=True,
+                                  encoding="utf-8", errors="replace")
             if proc.returncode != 0:
                 raise SystemExit(f"{pipeline} failed:\n{proc.stderr[-4000:]}")
             results[pipeline] = json.loads(proc.stdout.strip().splitlines()[-1])

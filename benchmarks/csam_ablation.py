@@ -50,7 +50,7 @@ def _arm(use_csam: bool, epochs: int, overrides: list[str], work: Path) -> dict:
     # options before the bundle name: argparse takes the overrides after "--" only when they follow the positional
     args = [sys.executable, str(REPO / "benchmarks" / "train_budget.py"), "--epochs", str(epochs), "--work_dir",
             str(work), BUNDLE, "--", "--use_csam", str(use_csam), *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(args)}\n{(proc.stdout + proc.stderr)[-4000:]}")
     print(proc.stdout, end="", flush=True)

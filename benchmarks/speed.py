@@ -73,7 +73,7 @@ def main() -> None:
     for shape in args.shapes:
         out = subprocess.run([sys.executable, __file__, args.target, args.kwargs, "--shapes", shape, "--repeats",
                               str(args.repeats), "--threads", str(args.threads), "--child"],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{shape:>22} {r['params']:>12,} {r['forward_s']:>10.3f} {r['forward_backward_s']:>10.3f} "
               f"{r['peak_rss_mb']:>12.0f} {r['activation_mb']:>10.0f}")

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(args)}\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc.stdout + proc.stderr

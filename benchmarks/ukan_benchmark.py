@@ -128,7 +128,8 @@ def speed_table(net_args: dict, shape: list[int], threads: int) -> None:
         kwargs = json.dumps({**net_args, **options})
         out = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "networks.UKAN", kwargs, "--shapes",
                               ",".join(map(str, shape)), "--repeats", "3", "--threads", str(threads)],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
+                             capture_output=True, text=True, encoding="utf-8", errors="replace",
+                             check=True).stdout.strip().splitlines()
         if name == "default":
             print("variant        " + out[1])
         print(f"{name:<14} " + out[-1])
@@ -146,7 +147,8 @@ def train_table(budget: list[str], overrides: list[str]) -> None:
     for name, extra in TRAIN_ARMS.items():
         # options before the bundle name: argparse takes the overrides after "--" only when they follow it
         out = subprocess.run([sys.executable, str(BENCHMARKS / "train_budget.py"), *budget, BUNDLE,
-                              "--", *overrides, *extra], capture_output=True, text=True)
+                              "--", *overrides, *extra], capture_output=True, text=True, encoding="utf-8",
+                             errors="replace")
         print(f"\n### {name}\n" + (out.stdout.strip() or out.stderr[-3000:]), flush=True)
 
 

@@ -107,7 +107,7 @@ def _numpy(x: Any) -> np.ndarray:
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -310,7 +310,7 @@ class BatchInference:
 
     def _lock(self):
         """Hold an exclusive lock on ``output_dir`` for the run, or fail naming the folder."""
-        handle = open(self.output_dir / LOCK_NAME, "w")
+        handle = open(self.output_dir / LOCK_NAME, "w", encoding="utf-8")
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -440,7 +440,7 @@ class BatchInference:
             report = None
             if rank == 0:
                 parts = [self.output_dir / f".report.rank{r}.json" for r in range(world)]
-                records = [rec for part in parts for rec in json.loads(part.read_text())]
+                records = [rec for part in parts for rec in json.loads(part.read_text(encoding="utf-8"))]
                 report = self._write_report(records, len(names), world, seconds)
                 for part in parts:
                     part.unlink()

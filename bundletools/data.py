@@ -62,7 +62,7 @@ def read_dataset_json(dataset_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DatasetError(f"{path}: no dataset.json; an MSD-layout folder has dataset.json, imagesTr/ and labelsTr/")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DatasetError(f"{path}: cannot be read as JSON ({e})") from e

@@ -72,8 +72,10 @@ def run_bundle(args: list[str], cwd: Path, check: bool = True, timeout: int = 90
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                     "-m", module]
     env = subprocess_env()
+    # explicit UTF-8: GDCM (SimpleITK's DICOM I/O, used in-process by some tests) resets the locale to "C", and
+    # the default decoding would then be ASCII
     proc = subprocess.run(launcher + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          encoding="utf-8", errors="replace", timeout=timeout)
     proc.output = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.output[-6000:]}")

@@ -174,7 +174,8 @@ def random_model(bundle: str, root: Path, **overrides) -> Path:
 
 def report_of(out: Path) -> dict[str, dict]:
     """The report's records by input name (two inputs may share a case name)."""
-    return {Path(c["input"]).name: c for c in json.loads((out / "report.json").read_text())["cases"]}
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return {Path(c["input"]).name: c for c in report["cases"]}
 
 
 def infer_args(scans: Path, out: Path, root: Path, *extra) -> list:
@@ -470,3 +471,23 @@ def test_inputs_sharing_a_case_name_become_failed_cases_instead_of_stopping_the_
         ("x.nii.gz", "x.nii.gz: has the same case name 'x' as x.nrrd; rename one of them"),
         ("x.nrrd", "x.nrrd: has the same case name 'x' as x.nii.gz; rename one of them"),
         ("y.mha", None)]
+
+
+def test_non_ascii_case_names_are_reported_under_a_c_locale(unet_parts):
+    """GDCM (ITK's DICOM I/O) resets the process locale to "C" when it reads or writes a series, which makes
+    Python's default text encoding ASCII; the report must still hold any case name."""
+    import locale
+
+    scans = Path(unet_parts["dataset_dir"])
+    (scans / "a.nii.gz").rename(scans / "Müller_ü.nii.gz")
+    saved = locale.setlocale(locale.LC_ALL, None)
+    locale.setlocale(locale.LC_ALL, "C")
+    try:
+        assert locale.getpreferredencoding(False).upper() in ("ANSI_X3.4-1968", "ASCII", "US-ASCII")
+        _runner(unet_parts, exit_on_failure=False).run()
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    out = Path(unet_parts["output_dir"])
+    cases = report_of(out)
+    assert cases["Müller_ü.nii.gz"]["status"] == "succeeded" and (out / "Müller_ü_seg.nii.gz").is_file()
+    assert "Müller_ü" in (out / "report.csv").read_text(encoding="utf-8")

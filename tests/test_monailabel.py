@@ -144,7 +144,8 @@ def server(tmp_path_factory):
     })
     env.setdefault("OMP_NUM_THREADS", "2")
     download = subprocess.run([str(executable), "apps", "--download", "--name", "monaibundle", "--output",
-                               str(root / "apps")], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+                               str(root / "apps")], env=env, cwd=root, capture_output=True, text=True,
+                              encoding="utf-8", errors="replace", timeout=300)
     assert download.returncode == 0, f"monailabel apps --download failed:\n{download.stdout}\n{download.stderr}"
     model_dir = root / "apps" / "monaibundle" / "model"
     model_dir.mkdir(exist_ok=True)
