@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import subprocess
 import sys
@@ -86,6 +87,15 @@ def config_list(bundle: str, *names: str) -> str:
     """A ``--config_file`` value: one file, or several merged as MONAI does."""
     files = [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
     return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(autouse=True)
+def restore_locale():
+    """GDCM (SimpleITK's and ITK's DICOM I/O) sets the process locale to "C" when a test writes or reads a DICOM
+    series; Python's default text encoding is then ASCII for the rest of the session. Restore it after each test."""
+    saved = locale.setlocale(locale.LC_ALL, None)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="session")
