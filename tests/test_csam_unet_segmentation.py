@@ -9,6 +9,7 @@ the last array axis, with and without the uncertainty map, and a short run on th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -197,9 +198,13 @@ def test_inference_writes_uncertainty_maps_with_the_input_geometry(tmp_path):
         run_bundle(["run", "--config_file", config_list(BUNDLE, "inference"), "--dataset_dir", scans,
                     "--output_dir", out, "--bundle_root", root, *FAST, "--mc_samples", mc_samples], cwd=tmp_path)
         outputs[mc_samples] = out
-    assert sorted(p.name for p in outputs[0].iterdir()) == sorted(f"{n}_seg.nii.gz" for n in inputs)
-    assert sorted(p.name for p in outputs[3].iterdir()) == sorted(
+    assert sorted(p.name for p in outputs[0].glob("*.nii.gz")) == sorted(f"{n}_seg.nii.gz" for n in inputs)
+    assert sorted(p.name for p in outputs[3].glob("*.nii.gz")) == sorted(
         [f"{n}_seg.nii.gz" for n in inputs] + [f"{n}_uncertainty.nii.gz" for n in inputs])
+    # the batch runner's report lists both outputs of every case
+    report = json.loads((outputs[3] / "report.json").read_text(encoding="utf-8"))
+    assert sorted(c["case"] for c in report["cases"] if c["status"] == "succeeded") == sorted(inputs)
+    assert all(len(c["outputs"]) == 2 for c in report["cases"])
     for name, (volume, affine) in inputs.items():
         for out in outputs.values():
             seg = nib.load(str(out / f"{name}_seg.nii.gz"))
