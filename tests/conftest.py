@@ -18,14 +18,18 @@ SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "d
 BUNDLES = REPO / "bundles"
 
 
+def skip_or_fail(message: str, require_var: str) -> None:
+    """Skip the test, or fail it when the environment variable ``require_var`` is ``1`` (as CI sets)."""
+    if os.environ.get(require_var) == "1":
+        pytest.fail(f"{message} and {require_var}=1")
+    pytest.skip(message)
+
+
 def shared_data(name: str) -> Path:
     """``../shared/data/<name>``; skips without it, fails instead when ``REQUIRE_SHARED_DATA=1`` (CI)."""
     path = SHARED_DATA / name
     if not path.exists():
-        message = f"real data {path} is not available"
-        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(message + " and REQUIRE_SHARED_DATA=1")
-        pytest.skip(message)
+        skip_or_fail(f"real data {path} is not available", "REQUIRE_SHARED_DATA")
     return path
 
 
@@ -33,9 +37,7 @@ def shared_schema(name: str) -> Path:
     """``../shared/schemas/<name>`` (MONAI's metadata schema, for offline ``verify_metadata``)."""
     path = SHARED_DATA.parent / "schemas" / name
     if not path.is_file():
-        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(f"{path} is not available and REQUIRE_SHARED_DATA=1")
-        pytest.skip(f"{path} is not available")
+        skip_or_fail(f"{path} is not available", "REQUIRE_SHARED_DATA")
     return path
 
 
@@ -44,10 +46,8 @@ def monailabel_executable() -> Path:
     (``scripts/setup_monailabel.sh``). Skips without it; fails instead when ``REQUIRE_MONAILABEL=1`` (CI)."""
     path = Path(os.environ.get("MONAILABEL_BIN", REPO / ".venv-monailabel" / "bin" / "monailabel"))
     if not path.is_file():
-        message = f"MONAI Label is not installed at {path} (bash scripts/setup_monailabel.sh, or set MONAILABEL_BIN)"
-        if os.environ.get("REQUIRE_MONAILABEL") == "1":
-            pytest.fail(message + " and REQUIRE_MONAILABEL=1")
-        pytest.skip(message)
+        skip_or_fail(f"MONAI Label is not installed at {path} (bash scripts/setup_monailabel.sh, or set "
+                     "MONAILABEL_BIN)", "REQUIRE_MONAILABEL")
     return path
 
 
