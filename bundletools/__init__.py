@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .batch import BatchInference
-from .data import DatasetError, inference_datalist, training_split
+from .data import DatasetError, inference_datalist, scoring_split, training_split
 from .handlers import ResumableCheckpoint
 from .metrics import HausdorffDistanceMM
 
@@ -25,6 +25,7 @@ __all__ = [
     "DatasetError",
     "inference_datalist",
     "training_split",
+    "scoring_split",
     "ResumableCheckpoint",
     "HausdorffDistanceMM",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "split_datalist",
     "check_training_data",
     "training_split",
+    "scoring_split",
     "inference_datalist",
     "is_dicom_file",
     "is_dicom_folder",
@@ -186,6 +187,25 @@ def _report(title: str, problems: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _check_declared(dataset_dir: str | os.PathLike, num_classes: int, in_channels: int) -> Path:
+    """The folder, once its dataset.json declares ``num_classes`` labels and ``in_channels`` modalities."""
+    root = _existing_dir(dataset_dir)
+    spec = read_dataset_json(root)
+    declared = spec.get("labels")
+    if isinstance(declared, dict) and len(declared) != num_classes:
+        raise DatasetError(
+            f"{root / 'dataset.json'} declares {len(declared)} labels {sorted(declared.values())} but the bundle "
+            f"is configured for num_classes={num_classes}; pass --num_classes {len(declared)}"
+        )
+    modalities = spec.get("modality")
+    if isinstance(modalities, dict) and len(modalities) != in_channels:
+        raise DatasetError(
+            f"{root / 'dataset.json'} declares {len(modalities)} modalities but the bundle is configured for "
+            f"in_channels={in_channels}; pass --in_channels {len(modalities)}"
+        )
+    return root
+
+
 def training_split(
     dataset_dir: str | os.PathLike,
     num_classes: int,
@@ -209,20 +229,7 @@ def training_split(
         check: read every case before training (see :func:`check_training_data`).
         max_cases: use only the first ``max_cases`` cases of the shuffled order (quick runs); ``None`` for all.
     """
-    root = _existing_dir(dataset_dir)
-    spec = read_dataset_json(root)
-    declared = spec.get("labels")
-    if isinstance(declared, dict) and len(declared) != num_classes:
-        raise DatasetError(
-            f"{root / 'dataset.json'} declares {len(declared)} labels {sorted(declared.values())} but the bundle "
-            f"is configured for num_classes={num_classes}; pass --num_classes {len(declared)}"
-        )
-    modalities = spec.get("modality")
-    if isinstance(modalities, dict) and len(modalities) != in_channels:
-        raise DatasetError(
-            f"{root / 'dataset.json'} declares {len(modalities)} modalities but the bundle is configured for "
-            f"in_channels={in_channels}; pass --in_channels {len(modalities)}"
-        )
+    root = _check_declared(dataset_dir, num_classes, in_channels)
     datalist = msd_training_datalist(root)
     if max_cases is not None:
         datalist = sorted(datalist, key=lambda d: d["image"])
@@ -336,3 +343,18 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
                 item["error"] = f"{Path(path).name}: has the same case name {name!r} as {others}; rename one of them"
             datalist.append(item)
     return datalist
+
+
+def scoring_split(
+    dataset_dir: str | os.PathLike, num_classes: int, in_channels: int = 1, check: bool = True
+) -> dict[str, list[dict[str, str]]]:
+    """Every labelled case of an MSD folder as the validation set (``{"training": [], "validation": [...]}``).
+
+    For scoring a trained bundle on other data with its evaluate config
+    (``--datalist "$bundletools.scoring_split(...)"``); the same checks as :func:`training_split`.
+    """
+    root = _check_declared(dataset_dir, num_classes, in_channels)
+    datalist = sorted(msd_training_datalist(root), key=lambda d: d["image"])
+    if check:
+        check_training_data(datalist, labels=range(num_classes), in_channels=in_channels)
+    return {"training": [], "validation": datalist}

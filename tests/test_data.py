@@ -18,6 +18,7 @@ from bundletools.data import (
     check_training_data,
     inference_datalist,
     msd_training_datalist,
+    scoring_split,
     split_datalist,
     training_split,
 )
@@ -49,6 +50,17 @@ def test_training_split_is_reproducible_and_disjoint(msd):
     assert len(set(images)) == 6
     assert first["validation"] != other["validation"]
     assert all(Path(d["image"]).is_absolute() and Path(d["label"]).is_file() for d in first["training"])
+
+
+def test_scoring_split_scores_every_labelled_case(msd):
+    split = scoring_split(msd, num_classes=3)
+    assert split["training"] == []
+    assert [d["image"] for d in split["validation"]] == sorted(d["image"] for d in msd_training_datalist(msd))
+    with pytest.raises(DatasetError, match="declares 3 labels.*--num_classes 3"):
+        scoring_split(msd, num_classes=2)
+    (msd / "labelsTr" / "synthetic_002.nii.gz").write_text("not a label")
+    with pytest.raises(DatasetError, match=r"case synthetic_002: cannot read label"):
+        scoring_split(msd, num_classes=3)
 
 
 def test_max_cases_limits_the_split(msd):
