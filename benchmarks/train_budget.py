@@ -33,10 +33,19 @@ def _run(args: list[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def _per_class(path: Path) -> dict[str, float]:
-    with open(path) as f:
+def per_class(path: Path) -> dict[str, float]:
+    """A metric summary CSV of the evaluate config as ``{class: mean over cases}`` (including ``"mean"``)."""
+    with open(path, encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    return {row[0]: float(row[1]) for row in rows[1:]}  # class -> mean over cases
+    return {row[0]: float(row[1]) for row in rows[1:]}
+
+
+def epoch_log(log: str) -> tuple[list[float], list[float]]:
+    """Seconds per finished epoch (validation included) and validation mean Dice per epoch, from a training log."""
+    epoch_times = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in
+                   re.findall(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", log)]
+    val = [float(v) for v in re.findall(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([\d.]+)", log)]
+    return epoch_times, val
 
 
 def main() -> None:
@@ -61,11 +70,9 @@ def main() -> None:
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--epochs", "1000", "--time_budget_s", str(args.minutes * 60)]
     log = _run(["run", "training", "--config_file", str(configs / "train.json"), *budget, *common])
     train_s = time.perf_counter() - t0
-    epoch_times = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in
-                   re.findall(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", log)]
-    val = [float(v) for v in re.findall(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([\d.]+)", log)]
+    epoch_times, val = epoch_log(log)
     _run(["run", "--config_file", f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']", *common])
-    dice, hd95 = _per_class(work / "eval" / "val_mean_dice_summary.csv"), _per_class(work / "eval" / "val_hd95_mm_summary.csv")
+    dice, hd95 = per_class(work / "eval" / "val_mean_dice_summary.csv"), per_class(work / "eval" / "val_hd95_mm_summary.csv")
 
     budget_text = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
     print(f"bundle {args.bundle}, budget {budget_text}, overrides {args.overrides or 'none'}")
