@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from statistics import median
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from train_budget import epoch_log, per_class  # noqa: E402
+from train_budget import config_list, epoch_log, per_class, run_bundle  # noqa: E402
 
 ISO, THICK = "Task04_Hippocampus", "Task04_Hippocampus_thick3mm"
 
@@ -74,10 +73,6 @@ class Entry:
     data: str  # ISO or THICK
     overrides: dict = field(default_factory=dict)  # config entries replaced (built-ins: the network)
 
-    @property
-    def builtin(self) -> bool:
-        return "network_def" in self.overrides
-
 
 ENTRIES = [
     Entry("unet", "UNet (bundle)", "unet_segmentation", ISO),
@@ -94,24 +89,9 @@ ENTRIES = [
     Entry("unet_thick", "UNet (bundle), thick", "unet_segmentation", THICK),
 ]
 
-FIELDS = ["key", "network", "bundle", "training_data", "scored_on", "cases_scored", "budget_min", "params",
-          "epochs", "train_s", "s_per_epoch", "dice_mean", "hd95_mean_mm", "infer_s_per_case",
-          "infer_s_per_case_max", "status"]
-
-
-def _bundle_cmd(args: list[str], log: Path) -> str:
-    """Run ``python -m monai.bundle ...``; the log is kept; a failure stops the benchmark with its tail."""
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", cwd=REPO)
-    text = proc.stdout + proc.stderr
-    log.write_text(text, encoding="utf-8")
-    if proc.returncode != 0:
-        raise RuntimeError(f"monai.bundle {args[0]} failed (exit {proc.returncode}), log {log}:\n{text[-3000:]}")
-    return text
-
-
-def _config_list(files: list[Path]) -> str:
-    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+RUN_FIELDS = ["key", "network", "bundle", "training_data", "scored_on", "cases_scored", "budget_min", "params",
+              "epochs", "train_s", "s_per_epoch"]
+TIME_FIELDS = ["infer_s_per_case", "infer_s_per_case_max", "status"]
 
 
 def _override_pairs(overrides: list[str]) -> dict:
@@ -154,7 +134,8 @@ def count_parameters(parser) -> int:
 
 def run_entry(entry: Entry, args: argparse.Namespace, work: Path) -> dict:
     configs = REPO / "bundles" / entry.bundle / "configs"
-    data_dir = str(args.thick_dataset_dir if entry.data == THICK else args.dataset_dir)
+    inputs = _inputs(entry, args)
+    data_dir = inputs["dataset_dir"]
     config = bundle_config(entry, data_dir, args.overrides)
     if work.exists():
         shutil.rmtree(work)  # a half-finished entry starts again (the bundles would otherwise resume training)
@@ -178,13 +159,14 @@ def run_entry(entry: Entry, args: argparse.Namespace, work: Path) -> dict:
                           encoding="utf-8")
 
     result = {"key": entry.key, "network": entry.name, "bundle": entry.bundle, "training_data": Path(data_dir).name,
+              "inputs": inputs,
               "scored_on": (Path(args.eval_dataset_dir).name + " (all cases)") if args.eval_dataset_dir
               else Path(data_dir).name + " (validation split)", "cases_scored": len(scored["validation"]),
               "budget_min": args.minutes, "params": count_parameters(config),
-              "overrides": entry.overrides, "extra_overrides": args.overrides}
+              "overrides": entry.overrides}
 
     t0 = time.perf_counter()
-    log = _bundle_cmd(["run", "training", "--config_file", _config_list([configs / "train.json", override]),
+    log = run_bundle(["run", "training", "--config_file", config_list(configs / "train.json", override),
                        "--epochs", "100000", "--time_budget_s", str(args.minutes * 60), *common], work / "train.log")
     result["train_s"] = round(time.perf_counter() - t0, 1)
     epoch_s, val_dice = epoch_log(log)
@@ -197,14 +179,14 @@ def run_entry(entry: Entry, args: argparse.Namespace, work: Path) -> dict:
         result["status"] = "no epoch finished within the budget"
         return result
 
-    _bundle_cmd(["run", "--config_file", _config_list([configs / "train.json", configs / "evaluate.json", override,
-                                                       scoring]), *common], work / "evaluate.log")
+    run_bundle(["run", "--config_file", config_list(configs / "train.json", configs / "evaluate.json", override,
+                                                    scoring), *common], work / "evaluate.log")
     dice = per_class(work / "eval" / "val_mean_dice_summary.csv")
     hd95 = per_class(work / "eval" / "val_hd95_mm_summary.csv")
     result["dice"], result["hd95_mm"] = dice, hd95
     result["dice_mean"], result["hd95_mean_mm"] = dice.get("mean"), hd95.get("mean")
 
-    _bundle_cmd(["run", "--config_file", _config_list([configs / "inference.json", override, to_segment]),
+    run_bundle(["run", "--config_file", config_list(configs / "inference.json", override, to_segment),
                  *common, "--output_dir", str(work / "segmentations"), "--num_workers", "0"], work / "inference.log")
     report = json.loads((work / "segmentations" / "report.json").read_text(encoding="utf-8"))
     seconds = [c["seconds"] for c in report["cases"] if c["status"] == "succeeded"]
@@ -215,6 +197,12 @@ def run_entry(entry: Entry, args: argparse.Namespace, work: Path) -> dict:
     result["infer_s_per_case_max"] = round(max(seconds), 3)
     result["status"] = "ok"
     return result
+
+
+def _inputs(entry: Entry, args: argparse.Namespace) -> dict:
+    """What a kept result must have been run with: budget, data, scored folder, overrides."""
+    return {"minutes": args.minutes, "overrides": args.overrides, "eval_dataset_dir": args.eval_dataset_dir,
+            "dataset_dir": str(args.thick_dataset_dir if entry.data == THICK else args.dataset_dir)}
 
 
 def machine() -> dict:
@@ -236,7 +224,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         memory = "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory": memory,
-            "gpu": "none (CPU run)", "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "python": platform.python_version(), "torch": torch.__version__,
             "monai": monai.__version__, "os": platform.platform()}
 
 
@@ -247,8 +235,8 @@ def _fmt(value, digits: int) -> str:
 def write_tables(results: list[dict], out: Path, info: dict, command: str) -> None:
     classes = [c for r in results for c in r.get("dice", {}) if c != "mean"]
     classes = list(dict.fromkeys(classes))
-    fields = FIELDS[:12] + [f"dice_{c}" for c in classes] + FIELDS[12:13] + [f"hd95_{c}_mm" for c in classes] \
-        + FIELDS[13:]
+    fields = [*RUN_FIELDS, "dice_mean", *[f"dice_{c}" for c in classes], "hd95_mean_mm",
+              *[f"hd95_{c}_mm" for c in classes], *TIME_FIELDS]
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -274,7 +262,8 @@ def write_tables(results: list[dict], out: Path, info: dict, command: str) -> No
         "# Collection benchmark results",
         "",
         f"Written by `benchmarks/collection.py` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
-        f"Training budget: {', '.join(f'{b:g}' for b in budgets)} minutes of wall-clock time per network, on CPU.",
+        f"Training budget: {', '.join(f'{b:g}' for b in budgets)} minutes of wall-clock time per network, on "
+        f"{'the GPU' if info['gpu'] != 'none' else 'CPU'}.",
         f"Scored on: {'; '.join(scored)}. Dice and HD95 of the best checkpoint in each scan's original grid, "
         "mean over cases; inference time per case from reading the scan to the written mask.",
         "",
@@ -407,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         done = work_dir / entry.key / "result.json"
         if done.is_file() and not args.force:
             result = json.loads(done.read_text(encoding="utf-8"))
-            if result["budget_min"] == args.minutes and result["extra_overrides"] == args.overrides:
+            if result.get("inputs") == _inputs(entry, args):
                 print(f"{entry.key}: kept the result in {done}", flush=True)
                 results.append(result)
                 continue

@@ -25,12 +25,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str]) -> str:
+def run_bundle(args: list[str], log: Path | None = None) -> str:
+    """Run ``python -m monai.bundle <args>`` and return its output (also written to ``log``); exit on failure."""
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace")
+                          encoding="utf-8", errors="replace", cwd=REPO)
+    text = proc.stdout + proc.stderr
+    if log is not None:
+        log.write_text(text, encoding="utf-8")
     if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return proc.stdout + proc.stderr
+        sys.exit(f"failed (exit {proc.returncode}): monai.bundle {' '.join(args)}"
+                 + (f"\nlog: {log}" if log else "") + f"\n{text[-4000:]}")
+    return text
+
+
+def config_list(*files: Path) -> str:
+    """Several config files as one ``--config_file`` value (later files override earlier ones)."""
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
 
 
 def per_class(path: Path) -> dict[str, float]:
@@ -68,10 +78,10 @@ def main() -> None:
         common += ["--dataset_dir", args.dataset_dir]
     t0 = time.perf_counter()
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--epochs", "1000", "--time_budget_s", str(args.minutes * 60)]
-    log = _run(["run", "training", "--config_file", str(configs / "train.json"), *budget, *common])
+    log = run_bundle(["run", "training", "--config_file", str(configs / "train.json"), *budget, *common])
     train_s = time.perf_counter() - t0
     epoch_times, val = epoch_log(log)
-    _run(["run", "--config_file", f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']", *common])
+    run_bundle(["run", "--config_file", config_list(configs / "train.json", configs / "evaluate.json"), *common])
     dice, hd95 = per_class(work / "eval" / "val_mean_dice_summary.csv"), per_class(work / "eval" / "val_hd95_mm_summary.csv")
 
     budget_text = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
@@ -79,7 +89,7 @@ def main() -> None:
     print(f"training wall time {train_s:.0f} s (incl. start-up and caching), {len(epoch_times)} epochs finished, "
           f"{sum(epoch_times) / max(1, len(epoch_times)):.1f} s per epoch incl. validation")
     print(f"validation Dice per epoch: {', '.join(f'{v:.3f}' for v in val)}")
-    print(f"best model on the validation split: " + ", ".join(
+    print("best model on the validation split: " + ", ".join(
         f"{name} Dice {dice[name]:.3f} HD95 {hd95[name]:.2f} mm" for name in dice))
     print(f"outputs in {work}")
 
