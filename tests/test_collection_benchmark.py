@@ -99,11 +99,14 @@ def test_network_without_a_finished_epoch_is_reported_not_fatal(tmp_path, synthe
     assert all((out / name).is_file() for name in PLOTS)
 
 
-def test_bad_arguments_are_named(tmp_path):
+def test_bad_arguments_are_named(tmp_path, synthetic_msd):
     proc = _run(["--only", "unet,nosuchnet"])
     assert proc.returncode == 2 and "unknown entries ['nosuchnet']" in proc.stderr
-    proc = _run(["--eval_dataset_dir", str(tmp_path / "missing")])
+    # a training folder that exists (the default one under ../shared may not), so that the scored one is named
+    proc = _run(["--only", "unet", "--dataset_dir", str(synthetic_msd), "--eval_dataset_dir", str(tmp_path / "missing")])
     assert proc.returncode == 2 and f"--eval_dataset_dir {tmp_path / 'missing'}: no dataset.json there" in proc.stderr
+    proc = _run(["--only", "unet", "--dataset_dir", str(tmp_path / "absent")])
+    assert proc.returncode == 2 and f"--dataset_dir {tmp_path / 'absent'}: no dataset.json there" in proc.stderr
     proc = _run(["--minutes", "0"])
     assert proc.returncode == 2 and "--minutes must be positive" in proc.stderr
     proc = _run(["--only", "unet", "--", "--num_workers"])
