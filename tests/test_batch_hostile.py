@@ -314,6 +314,14 @@ def test_the_command_line_end_to_end(tmp_path, unet_root):
     proc = infer("1e3", "2024.10", "--ovewrite", "True")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert "no config key 'ovewrite'" in proc.stderr
+    # the README's quoting for python -m monai.bundle (Fire): --output_dir "'out,v2'" and --qc false
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(BUNDLES / UNET / "configs" / "inference.json"), "--dataset_dir", "'1e3'",
+                           "--output_dir", "'out,v2'", "--qc", "false", "--bundle_root", str(unet_root),
+                           "--num_workers", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "out,v2" / "a_seg.nii.gz").is_file() and not (tmp_path / "out,v2" / "a_qc.png").exists()
 
 
 # ---------------------------------------------------------------------------- 7: DICOM discovery, accounting
