@@ -182,7 +182,8 @@ class _Cases(torch.utils.data.Dataset):
             checksums = {}
             if isinstance(source, (str, os.PathLike)):
                 inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
-                checksums = {"input_sha256": input_checksum(source), "input_fingerprint": input_fingerprint(source)}
+                fingerprint = input_fingerprint(source)  # before the checksum: a later change moves it
+                checksums = {"input_sha256": input_checksum(source), "input_fingerprint": fingerprint}
             stage = ""
             data = self.dataset[index]
             return {"index": index, "data": data, **checksums, "seconds": time.perf_counter() - start}

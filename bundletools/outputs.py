@@ -146,6 +146,9 @@ class OutputFolder:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise BatchError(f"{path}: cannot be locked ({e.strerror}); use an output_dir on a file system "
+                                     "that supports locks") from e
                 raise BatchError(f"{self.path}: another batch inference is writing to this folder; wait for it "
                                  "to finish or use another output_dir") from e
         self._lock_fd = fd
