@@ -479,7 +479,7 @@ class BatchInference:
             for key, spec in self.outputs.items():
                 if key not in data:
                     raise KeyError(f"postprocessing produced no {key!r} output")
-                writers[key] = WRITERS[spec["writer"]](data[key], spec)
+                writers[key] = WRITERS[spec["writer"]](data[key], spec, data)
             if self.qc:
                 writers["qc"] = partial(self._write_qc, data)
             return self.folder.write(case, writers, {**provenance, "written": _now()})

@@ -55,7 +55,8 @@ def image_writer(value: torch.Tensor | np.ndarray, dtype: np.dtype) -> Callable[
     return write
 
 
-# output spec "writer" -> factory(value, spec) of a writer; "image" is the default
+# output spec "writer" -> factory(value, spec, case) of a writer: the output's value, its declared spec and the whole
+# postprocessed case (for writers that need more, such as the source image's metadata); "image" is the default
 WRITERS: dict[str, Callable[..., Callable[[Path], None]]] = {
-    "image": lambda value, spec: image_writer(value, spec["dtype"]),
+    "image": lambda value, spec, case: image_writer(value, spec["dtype"]),
 }
