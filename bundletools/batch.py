@@ -2,36 +2,46 @@
 """Batch inference for pipelines: segment every case of a folder, robustly, resumably, on one or N processes.
 
 :class:`BatchInference` is the ``evaluator`` of every bundle's ``inference.json``; ``python -m monai.bundle run``
-calls its :meth:`~BatchInference.run`. For each case it reads and preprocesses the scan (in DataLoader workers),
-runs the bundle's ``inferer`` and ``postprocessing`` and writes ``<output_dir>/<case>_<postfix>.nii.gz`` for each
-declared output under a hidden temporary name, renamed once complete. What it adds to MONAI's evaluator:
+calls its :meth:`~BatchInference.run`. It is the loop over the cases; the output folder (lock, temporary names,
+atomic replacement, completeness) is :class:`bundletools.outputs.OutputFolder`, the report and its merge across
+ranks :class:`bundletools.report.BatchReport`, the file writers :mod:`bundletools.writers`. For each case it
+checks the scan's header (:func:`bundletools.images.inspect_image`: size, geometry, detached data files), reads
+and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and ``postprocessing`` and writes
+``<output_dir>/<case>_<postfix>.nii.gz`` for each declared output. What it adds to MONAI's evaluator:
 
-- one bad case never stops the batch: a read error, an image the model cannot take (``transforms.CheckImaged``)
-  or a failure during inference or writing is recorded as that case's one-line reason and the batch goes on;
-- cases whose outputs all exist are skipped (``overwrite`` redoes them), so an interrupted batch resumes;
+- one bad case never stops the batch: a read error, an image the model cannot take (``transforms.CheckImaged``),
+  a geometry the output could not keep, or a failure during inference or writing is recorded as that case's
+  one-line reason and the batch goes on;
+- a case is skipped when its outputs all exist and were made from the same input (SHA-256) by the same model
+  (SHA-256 of the weights), so an interrupted batch resumes and a corrected scan is segmented again
+  (``overwrite`` redoes every case);
 - ``report.json`` and ``report.csv`` in ``output_dir``: per case its status (``succeeded``, ``skipped``,
-  ``failed``), reason, outputs and seconds; the run exits with status 2 when any case failed;
+  ``failed``), reason, outputs, checksums and seconds; every other entry of the input folder as ``ignored`` with
+  its reason; the run's bundle, config, model and software versions. The run exits with status 2 when a case
+  failed;
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
 - an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`).
-
-Only one batch may write to an output folder at a time (a lock file, ``.batch.lock``, enforces it), which makes
-it safe to delete the temporary files a killed run left behind.
 """
 
 from __future__ import annotations
 
-import csv
+import ast
+import hashlib
 import io
 import json
 import logging
 import os
+import platform
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
+from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +49,38 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import MetaTensor
-from monai.transforms import Invertd, SaveImage
+from monai.transforms import Invertd
 
 from transforms import InvalidImageError
 
-from .data import DatasetError, case_name, check_dicom_series
+from .data import case_name
+from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
+from .outputs import LOCK_NAME, TMP_PREFIX, OutputFolder
+from .report import FAILED, SKIPPED, SUCCEEDED, BatchReport, printable
+from .writers import WRITERS
 
-try:  # advisory lock on the output folder (POSIX); without it, concurrent runs are simply not detected
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
-__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED", "TMP_PREFIX"]
+__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED", "TMP_PREFIX", "LOCK_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SUCCEEDED, SKIPPED, FAILED = "succeeded", "skipped", "failed"
-TMP_PREFIX = ".tmp-"
-LOCK_NAME = ".batch.lock"
 DEFAULT_OUTPUTS = {"pred": {"postfix": "seg", "dtype": "uint8"}}
 _MAX_REASON = 400
-_MAX_LISTED = 20
+_READ = "cannot read the image"
 
 
 def failure_reason(error: BaseException, source: str | os.PathLike | None = None, stage: str = "failed") -> str:
-    """A one-line reason for a failed case, ``<input name>: <problem>``, without a traceback.
+    """A one-line reason for a failed case, ``<input name>: <problem>``, without a traceback, printable.
 
     MONAI wraps errors raised inside a transform chain (``applying transform ...``); the innermost one says what
     is wrong, after ``stage``. The input checks (:class:`transforms.InvalidImageError`, :class:`DatasetError`)
-    already say what is wrong and are kept as they are. ITK's source locations and line breaks are dropped.
+    already say what is wrong and are kept as they are. ITK's source locations and line breaks are dropped, and
+    characters that could break a report or a log line are escaped (:func:`bundletools.report.printable`).
     """
+    def inner(e: BaseException) -> BaseException | None:
+        return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
     chain, seen = [error], {id(error)}
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+    while (nxt := inner(chain[-1])) is not None and id(nxt) not in seen:
         chain.append(nxt)
         seen.add(id(nxt))
     root = chain[-1]
@@ -87,15 +97,17 @@ def failure_reason(error: BaseException, source: str | os.PathLike | None = None
             reason = name + reason[len(str(source)):]
         elif not reason.startswith(name):
             reason = f"{name}: {reason}"
+    reason = printable(reason)
     return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 3] + "..."
 
 
 def _load_stage(error: BaseException) -> str:
-    """"cannot read the image" when the error comes from ``LoadImage``, else "preprocessing failed"."""
+    """"cannot read the image" when the error comes from ``LoadImage`` (or ``transforms.LoadScand``), else
+    "preprocessing failed"."""
     e: BaseException | None = error
     while e is not None:
-        if "LoadImage" in str(e):
-            return "cannot read the image"
+        if "LoadImage" in str(e) or "LoadScand" in str(e):
+            return _READ
         e = e.__cause__ or e.__context__
     return "preprocessing failed"
 
@@ -104,13 +116,39 @@ def _numpy(x: Any) -> np.ndarray:
     return (x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)).detach().cpu().numpy()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _flag(value: Any, name: str) -> bool:
+    """A boolean setting as given in a config or on a command line: ``True``/``False``, or ``"true"``/``"false"``
+    in any case (``python -m monai.bundle`` passes ``--qc false`` as the string ``"false"``)."""
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# the config files of the run when the command line does not name them (set by ``python -m bundletools.infer``)
+RUN_CONFIG_FILES: list[str] = []
+
+
+def _config_files() -> list[Path]:
+    """The config files of this run: :data:`RUN_CONFIG_FILES`, or ``--config_file`` on the command line of
+    ``python -m monai.bundle`` (one path or a list), or ``[]``."""
+    if RUN_CONFIG_FILES:
+        return [Path(f) for f in RUN_CONFIG_FILES if Path(f).is_file()]
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config_file":
+            value = argv[i + 1]
+            try:
+                files = ast.literal_eval(value) if value.lstrip().startswith(("[", "(")) else [value]
+            except (ValueError, SyntaxError):
+                files = [value]
+            return [Path(f) for f in files if Path(str(f)).is_file()]
+    return []
 
 
 def _first(sample: Any) -> Any:
@@ -120,31 +158,38 @@ def _first(sample: Any) -> Any:
 
 
 class _Cases(torch.utils.data.Dataset):
-    """The cases to do, read and preprocessed (in DataLoader workers when ``num_workers`` > 0).
+    """The cases to do: header checked, checksummed, read and preprocessed (in DataLoader workers when
+    ``num_workers`` > 0).
 
     Never raises: a case that cannot be loaded comes back as ``{"index", "error", "seconds"}``.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, data: list, indices: list[int], image_key: str) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, data: list, indices: list[int], image_key: str,
+                 max_voxels: int | None) -> None:
         self.dataset, self.data, self.indices, self.image_key = dataset, data, indices, image_key
+        self.max_voxels = max_voxels
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
-        source = self.data[index].get(self.image_key)
+        item = self.data[index]
+        source = item.get(self.image_key)
         start = time.perf_counter()
+        stage = _READ
         try:
-            if self.data[index].get("error"):  # known before reading (e.g. two inputs with the same case name)
-                raise DatasetError(self.data[index]["error"])
-            if source is not None and os.path.isdir(source):
-                check_dicom_series(source)
-            return {"index": index, "data": self.dataset[index], "seconds": time.perf_counter() - start}
+            checksums = {}
+            if isinstance(source, (str, os.PathLike)):
+                inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
+                fingerprint = input_fingerprint(source)  # before the checksum: a later change moves it
+                checksums = {"input_sha256": input_checksum(source), "input_fingerprint": fingerprint}
+            stage = ""
+            data = self.dataset[index]
+            return {"index": index, "data": data, **checksums, "seconds": time.perf_counter() - start}
         except Exception as e:  # any failure of this case is its result, not the batch's
-            return {"index": index, "error": failure_reason(e, source, _load_stage(e)),
-                    "traceback": traceback.format_exc(),
-                    "seconds": time.perf_counter() - start}
+            return {"index": index, "error": failure_reason(e, source, stage or _load_stage(e)),
+                    "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start}
 
 
 class BatchInference:
@@ -152,8 +197,11 @@ class BatchInference:
 
     Args:
         dataset: a MONAI ``Dataset``: ``dataset.data`` is the case list (dicts with ``image_key`` and optionally
-            ``case``, the output name; otherwise the file name without extension) and ``dataset[i]`` the
-            preprocessed case. Its ``transform`` is inverted to draw the QC pictures.
+            ``case``, the output name, otherwise the file name without extension; ``root``, the input folder that
+            detached headers must stay in; ``error``, a reason to fail the case without reading it) and
+            ``dataset[i]`` the preprocessed case. ``dataset.data.ignored`` (see
+            :func:`bundletools.data.inference_datalist`) lists the other entries of the input folder for the
+            report. Its ``transform`` is inverted to draw the QC pictures.
         output_dir: folder of the outputs and of the report (created if needed).
         network: the network, on ``device``.
         inferer: MONAI inferer called as ``inferer(image_batch, network)``. Inputs stay on the CPU when it has an
@@ -167,15 +215,19 @@ class BatchInference:
             :class:`networks.wrappers.MonteCarloUncertainty`); default ``network``.
         device: device of the network.
         amp: CUDA automatic mixed precision.
-        outputs: ``{key: {"postfix": ..., "dtype": ...}}``: which keys of the postprocessed case are written, as
-            ``<case>_<postfix><output_ext>`` with that dtype. A case is complete when all of them exist.
+        outputs: ``{key: {"postfix": ..., "dtype": ..., "writer": "image"}}``: which keys of the postprocessed
+            case are written, as ``<case>_<postfix><output_ext>`` (or the output's own ``ext``) by the writer of
+            :data:`bundletools.writers.WRITERS`. A case is complete when all of them exist.
         image_key, pred_key: keys of the image and of the network output.
-        overwrite: redo cases whose outputs already exist.
+        overwrite: redo every case, also those whose outputs are complete.
         qc: also write ``<case>_qc.png`` (part of what makes a case complete).
         qc_key: the output drawn in the QC picture.
         qc_size: side of each of the three QC panels in pixels.
         num_workers: DataLoader workers reading and preprocessing the next cases while one is segmented.
         output_ext: extension of the written images.
+        max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
+            without being read. ``None``: no limit.
+        bundle_root: the bundle's folder, recorded in the report (name, version, config files' checksums).
         exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (the exit status pipelines check);
             otherwise :meth:`run` just returns the report.
         dist_timeout_s: timeout of the process group created under torchrun (the last rank to finish waits for
@@ -202,6 +254,8 @@ class BatchInference:
         qc_size: int = 256,
         num_workers: int = 0,
         output_ext: str = ".nii.gz",
+        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        bundle_root: str | os.PathLike | None = None,
         exit_on_failure: bool = True,
         dist_timeout_s: float = 24 * 3600,
     ) -> None:
@@ -213,18 +267,29 @@ class BatchInference:
         self.ckpt_path = ckpt_path
         self.weights_network = network if weights_network is None else weights_network
         self.device = torch.device(device)
-        self.amp = bool(amp)
+        self.amp = _flag(amp, "amp")
         self.outputs = {k: dict(v) for k, v in (outputs or DEFAULT_OUTPUTS).items()}
         for key, spec in self.outputs.items():
             if "postfix" not in spec:
                 raise ValueError(f"output {key!r} needs a 'postfix' (the file name is <case>_<postfix>{output_ext})")
             spec["dtype"] = np.dtype(spec.get("dtype", "float32"))
+            spec.setdefault("writer", "image")
+            spec.setdefault("ext", output_ext)
+            if spec["writer"] not in WRITERS:
+                raise ValueError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
         self.image_key, self.pred_key = image_key, pred_key
-        self.overwrite, self.qc, self.qc_key, self.qc_size = bool(overwrite), bool(qc), qc_key, int(qc_size)
+        self.overwrite, self.qc = _flag(overwrite, "overwrite"), _flag(qc, "qc")
+        self.qc_key, self.qc_size = qc_key, int(qc_size)
         self.num_workers = int(num_workers)
         self.output_ext = output_ext
+        self.max_voxels = None if max_voxels is None else int(max_voxels)
+        self.bundle_root = bundle_root
         self.exit_on_failure = exit_on_failure
         self.dist_timeout_s = dist_timeout_s
+        files = {key: f"_{spec['postfix']}{spec['ext']}" for key, spec in self.outputs.items()}
+        if self.qc:
+            files["qc"] = "_qc.png"
+        self.folder = OutputFolder(self.output_dir, files)
 
     # ----------------------------------------------------------------------------------------------- paths
     def case_names(self) -> list[str]:
@@ -233,57 +298,55 @@ class BatchInference:
 
     def final_paths(self, case: str) -> dict[str, Path]:
         """Where the outputs of ``case`` go (the QC picture under the key ``"qc"`` when enabled)."""
-        paths = {key: self.output_dir / f"{case}_{spec['postfix']}{self.output_ext}" for key, spec in
-                 self.outputs.items()}
-        if self.qc:
-            paths["qc"] = self.output_dir / f"{case}_qc.png"
-        return paths
-
-    def is_complete(self, case: str) -> bool:
-        """Every output of ``case`` exists (outputs only ever appear complete: they are renamed into place)."""
-        return all(p.is_file() and p.stat().st_size > 0 for p in self.final_paths(case).values())
+        return self.folder.paths(case)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> dict:
-        """Segment the cases, write the report, and return it (``{"summary": ..., "cases": [...]}``).
+        """Segment the cases, write the report, and return it (``{"run", "summary", "cases", "ignored"}``).
 
         Raises:
             SystemExit: status 2 when a case failed and ``exit_on_failure`` (after the report is written).
+            BatchError: the batch cannot start (another batch holds the output folder, no model, ...).
         """
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), _now()
         rank, world, own_group = self._init_distributed()
-        lock = None
+        report = BatchReport(self.output_dir, list(self.outputs), self.qc)
         try:
-            self._load_weights()
+            model_sha256 = self._load_weights()
             self.network.eval()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             names = self.case_names()
             if rank == 0:
-                lock = self._lock()
-                self._remove_stale_files()
-                plan = [self._plan(names)]
+                self.folder.lock()
+                for name in self.folder.remove_stale(BatchReport.is_rank_part):
+                    logger.info(f"removed {printable(name)}, left behind by an interrupted run")
+                plan = [self._plan(names, model_sha256)]
             else:
                 plan = [None]
             if world > 1:
                 dist.broadcast_object_list(plan, src=0)
-            todo, skipped = plan[0]
+            todo, done = plan[0]
             mine = todo[rank::world]
-            logger.info(f"batch inference: {len(names)} case(s), {len(skipped)} already complete, {len(todo)} to do"
+            logger.info(f"batch inference: {len(names)} case(s), {sum(r['status'] == SKIPPED for r in done)} "
+                        f"already complete, {len(todo)} to do"
                         + (f", {len(mine)} on rank {rank} of {world}" if world > 1 else "")
-                        + f"; outputs in {self.output_dir}")
-            records = [self._record(i, names[i], SKIPPED, outputs=self.final_paths(names[i])) for i in
-                       (skipped if rank == 0 else [])]
-            records += self._segment_all(names, mine, rank)
-            report = self._gather_report(records, names, rank, world, time.perf_counter() - started)
+                        + f"; outputs in {printable(self.output_dir)}")
+            records = (done if rank == 0 else []) + self._segment_all(names, mine, rank, model_sha256)
+            records = report.gather(records, rank, world)
+            shared = [None]
+            if rank == 0:
+                run = self._run_info(model_sha256, started_at, world)
+                ignored = getattr(self.dataset.data, "ignored", [])
+                shared = [report.write(records, ignored, len(names), run, time.perf_counter() - started, world)]
+            if world > 1:
+                dist.broadcast_object_list(shared, src=0)
+            result = shared[0]
         finally:
-            if lock is not None:
-                lock.close()
+            self.folder.unlock()
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
-        failed = report["summary"]["failed"]
-        if failed and self.exit_on_failure:
+        if result["summary"]["failed"] and self.exit_on_failure:
             raise SystemExit(2)
-        return report
+        return result
 
     def _init_distributed(self) -> tuple[int, int, bool]:
         if dist.is_available() and dist.is_initialized():
@@ -297,83 +360,103 @@ class BatchInference:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=self.dist_timeout_s))
         return dist.get_rank(), dist.get_world_size(), True
 
-    def _load_weights(self) -> None:
+    def _load_weights(self) -> str:
+        """Load the checkpoint; returns the SHA-256 of the model: of the checkpoint file, or of the network's
+        weights when there is none."""
+        target = getattr(self.weights_network, "module", self.weights_network)
         if self.ckpt_path is None:
-            return
+            digest = hashlib.sha256()
+            for name, tensor in sorted(target.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            return digest.hexdigest()
         path = Path(self.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained model; train the bundle first or pass --ckpt_path <model.pt>")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
             state = state["model"]
-        getattr(self.weights_network, "module", self.weights_network).load_state_dict(state)
+        target.load_state_dict(state)
+        return hashlib.sha256(raw).hexdigest()
 
-    def _lock(self):
-        """Hold an exclusive lock on ``output_dir`` for the run, or fail naming the folder."""
-        handle = open(self.output_dir / LOCK_NAME, "w", encoding="utf-8")
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                handle.close()
-                raise RuntimeError(f"{self.output_dir}: another batch inference is writing to this folder; wait "
-                                   "for it to finish or use another output_dir") from e
-        return handle
-
-    def _remove_stale_files(self) -> None:
-        """Temporary outputs and rank reports of a killed run (safe: this run holds the folder's lock)."""
-        for path in self.output_dir.iterdir():
-            if path.name.startswith(TMP_PREFIX) or re.fullmatch(r"\.report\.rank\d+\.json", path.name):
-                logger.info(f"removing {path.name}, left behind by an interrupted run")
-                path.unlink(missing_ok=True)
-
-    def _plan(self, names: list[str]) -> tuple[list[int], list[int]]:
-        """(cases to do, cases already complete), as indices; every rank gets rank 0's plan."""
-        if self.overwrite:
-            return list(range(len(names))), []
-        done = [not item.get("error") and self.is_complete(n) for n, item in zip(names, self.dataset.data)]
-        return [i for i, d in enumerate(done) if not d], [i for i, d in enumerate(done) if d]
+    def _plan(self, names: list[str], model_sha256: str) -> tuple[list[int], list[dict]]:
+        """(indices of the cases to do, records of the cases decided without segmenting them: skipped as complete,
+        or failed before reading); every rank gets rank 0's plan."""
+        todo, done = [], []
+        for index, (case, item) in enumerate(zip(names, self.dataset.data)):
+            source = item.get(self.image_key)
+            problem = item.get("error") or self.folder.name_problem(case)
+            if problem:
+                reason = failure_reason(DatasetError(problem), source)
+                logger.warning(f"{printable(case)}: FAILED: {reason}")
+                done.append(self._record(index, case, FAILED, reason))
+                continue
+            previous = None if self.overwrite else self.folder.record(case)
+            if previous is not None and previous.get("model_sha256") != model_sha256:
+                logger.info(f"{printable(case)}: its outputs come from another model; segmenting it again")
+            elif previous is not None:
+                try:
+                    same = (input_fingerprint(source) == previous.get("input_fingerprint")
+                            or input_checksum(source) == previous.get("input_sha256"))
+                except OSError:
+                    same = False
+                if same:
+                    done.append(self._record(index, case, SKIPPED, outputs=self.folder.paths(case),
+                                             input_sha256=previous.get("input_sha256", ""),
+                                             model_sha256=model_sha256))
+                    continue
+                logger.info(f"{printable(case)}: its input changed since its outputs were written; segmenting it "
+                            "again")
+            todo.append(index)
+        return todo, done
 
     # ---------------------------------------------------------------------------------------------- cases
     def _record(self, index: int, case: str, status: str, reason: str = "", outputs: Mapping | None = None,
-                seconds: float = 0.0, rank: int = 0) -> dict:
-        outputs = {k: str(v) for k, v in (outputs or {}).items()}
-        return {"index": index, "case": case, "status": status, "reason": reason,
-                "input": str(self.dataset.data[index][self.image_key]),
+                seconds: float = 0.0, rank: int = 0, input_sha256: str = "", model_sha256: str = "") -> dict:
+        outputs = {k: printable(v) for k, v in (outputs or {}).items()}
+        return {"index": index, "case": printable(case), "status": status, "reason": reason,
+                "input": printable(self.dataset.data[index][self.image_key]),
                 "output": outputs.get(next(iter(self.outputs)), ""),
                 "outputs": {k: outputs[k] for k in self.outputs if k in outputs},
-                "qc": outputs.get("qc", ""), "seconds": round(seconds, 3), "rank": rank}
+                "qc": outputs.get("qc", ""), "seconds": round(seconds, 3), "rank": rank,
+                "input_sha256": input_sha256, "model_sha256": model_sha256}
 
-    def _segment_all(self, names: list[str], indices: list[int], rank: int) -> list[dict]:
-        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key)
+    def _segment_all(self, names: list[str], indices: list[int], rank: int, model_sha256: str) -> list[dict]:
+        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels)
         loader = torch.utils.data.DataLoader(cases, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              collate_fn=_first)
         records = []
         for n, sample in enumerate(loader, 1):
             index = sample["index"]
-            case = names[index]
+            case, source = names[index], self.dataset.data[index][self.image_key]
             start = time.perf_counter()
             reason, outputs = sample.get("error", ""), None
+            provenance = {"case": printable(case), "input": printable(source),
+                          "input_sha256": sample.get("input_sha256", ""),
+                          "input_fingerprint": sample.get("input_fingerprint", ""), "model_sha256": model_sha256}
             if not reason:
                 try:
-                    outputs = self._segment(case, sample.pop("data"))
+                    outputs = self._segment(case, sample.pop("data"), provenance)
                 except Exception as e:  # this case failed; the batch goes on
-                    reason = failure_reason(e, self.dataset.data[index][self.image_key], "segmentation failed")
+                    reason = failure_reason(e, source, "segmentation failed")
                     sample["traceback"] = traceback.format_exc()
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
             sample.pop("data", None)
             seconds = sample["seconds"] + time.perf_counter() - start
+            checksums = {"input_sha256": provenance["input_sha256"], "model_sha256": model_sha256}
             if reason:
-                logger.debug(f"case {case}:\n{sample.get('traceback', '')}")
-                logger.warning(f"[{n}/{len(indices)}] {case}: FAILED: {reason}")
-                records.append(self._record(index, case, FAILED, reason, seconds=seconds, rank=rank))
+                logger.debug(f"case {printable(case)}:\n{sample.get('traceback', '')}")
+                logger.warning(f"[{n}/{len(indices)}] {printable(case)}: FAILED: {reason}")
+                records.append(self._record(index, case, FAILED, reason, seconds=seconds, rank=rank, **checksums))
             else:
-                logger.info(f"[{n}/{len(indices)}] {case}: segmented in {seconds:.1f} s")
-                records.append(self._record(index, case, SUCCEEDED, outputs=outputs, seconds=seconds, rank=rank))
+                logger.info(f"[{n}/{len(indices)}] {printable(case)}: segmented in {seconds:.1f} s")
+                records.append(self._record(index, case, SUCCEEDED, outputs=outputs, seconds=seconds, rank=rank,
+                                            **checksums))
         return records
 
-    def _segment(self, case: str, data: dict) -> dict[str, Path]:
+    def _segment(self, case: str, data: dict, provenance: Mapping) -> dict[str, Path]:
         """Infer, postprocess and write one preprocessed case; returns the final paths."""
         image = data[self.image_key]
         inputs = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None]
@@ -392,31 +475,14 @@ class BatchInference:
             del logits, image
             if self.postprocessing is not None:
                 data = self.postprocessing(data)
-            return self._write(case, data)
-
-    def _write(self, case: str, data: dict) -> dict[str, Path]:
-        """Write every output under a temporary name, then rename them all into place."""
-        final = self.final_paths(case)
-        temps: dict[str, Path] = {}
-        try:
+            writers = {}
             for key, spec in self.outputs.items():
                 if key not in data:
                     raise KeyError(f"postprocessing produced no {key!r} output")
-                temps[key] = self.output_dir / f"{TMP_PREFIX}{os.getpid()}-{final[key].name}"
-                writer = SaveImage(output_ext=self.output_ext, output_dtype=spec["dtype"], resample=False,
-                                   separate_folder=False, print_log=False)
-                value = data[key]
-                writer(value.cpu() if isinstance(value, torch.Tensor) else value,
-                       filename=str(temps[key])[: -len(self.output_ext)])
+                writers[key] = WRITERS[spec["writer"]](data[key], spec, data)
             if self.qc:
-                temps["qc"] = self.output_dir / f"{TMP_PREFIX}{os.getpid()}-{final['qc'].name}"
-                self._write_qc(data, temps["qc"])
-            for key, tmp in temps.items():
-                os.replace(tmp, final[key])
-        finally:
-            for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
-        return final
+                writers["qc"] = partial(self._write_qc, data)
+            return self.folder.write(case, writers, {**provenance, "written": _now()})
 
     def _write_qc(self, data: dict, path: Path) -> None:
         from .qc import save_qc_png
@@ -432,50 +498,30 @@ class BatchInference:
                     _numpy(affine).astype(np.float64), path, self.qc_size)
 
     # --------------------------------------------------------------------------------------------- report
-    def _gather_report(self, records: list[dict], names: list[str], rank: int, world: int, seconds: float) -> dict:
-        """Write the report (rank 0 merges every rank's records under torchrun); every rank gets the summary."""
-        if world > 1:
-            _atomic_write_text(self.output_dir / f".report.rank{rank}.json", json.dumps(records))
-            dist.barrier()
-            report = None
-            if rank == 0:
-                parts = [self.output_dir / f".report.rank{r}.json" for r in range(world)]
-                records = [rec for part in parts for rec in json.loads(part.read_text(encoding="utf-8"))]
-                report = self._write_report(records, len(names), world, seconds)
-                for part in parts:
-                    part.unlink()
-            shared = [report]
-            dist.broadcast_object_list(shared, src=0)
-            return shared[0]
-        return self._write_report(records, len(names), world, seconds)
-
-    def _write_report(self, records: list[dict], total: int, world: int, seconds: float) -> dict:
-        records = sorted(records, key=lambda r: r["index"])
-        counts = {s: sum(r["status"] == s for r in records) for s in (SUCCEEDED, SKIPPED, FAILED)}
-        if len(records) != total:
-            raise RuntimeError(f"report has {len(records)} case(s) for {total} in the dataset")
-        summary = {"cases": total, **counts, "seconds": round(seconds, 3),
-                   "cases_per_minute": round(60.0 * counts[SUCCEEDED] / seconds, 3) if seconds > 0 else None,
-                   "processes": world, "output_dir": str(self.output_dir),
-                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        cases = [{k: v for k, v in r.items() if k != "index"} for r in records]
-        report = {"summary": summary, "cases": cases}
-        _atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        extra = [k for k in self.outputs if k != next(iter(self.outputs))]
-        fields = ["case", "status", "reason", "output", "seconds", "input", *extra, *(["qc"] if self.qc else [])]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for case in cases:
-            writer.writerow({**case, **{k: case["outputs"].get(k, "") for k in extra}})
-        _atomic_write_text(self.output_dir / "report.csv", text.getvalue())
-        logger.info(f"batch inference: {counts[SUCCEEDED]} segmented, {counts[SKIPPED]} skipped (complete), "
-                    f"{counts[FAILED]} failed of {total} case(s) in {seconds:.1f} s; report: "
-                    f"{self.output_dir / 'report.json'}")
-        failed = [c for c in cases if c["status"] == FAILED]
-        if failed:
-            lines = [f"  - {c['case']}: {c['reason']}" for c in failed[:_MAX_LISTED]]
-            if len(failed) > _MAX_LISTED:
-                lines.append(f"  ... and {len(failed) - _MAX_LISTED} more (see report.json)")
-            logger.error("\n".join([f"{len(failed)} case(s) failed:", *lines]))
-        return report
+    def _run_info(self, model_sha256: str, started_at: str, world: int) -> dict:
+        """What the report records about the run: bundle, config, model, software, command, host."""
+        bundle: dict[str, Any] = {"root": printable(self.bundle_root) if self.bundle_root is not None else ""}
+        configs = _config_files()
+        if not configs and self.bundle_root is not None:
+            configs = [p for p in [Path(self.bundle_root) / "configs" / "inference.json"] if p.is_file()]
+        if configs:
+            try:
+                meta = json.loads((configs[0].parent / "metadata.json").read_text(encoding="utf-8"))
+                bundle.update(name=meta.get("name", ""), version=meta.get("version", ""))
+            except (OSError, ValueError):
+                pass
+        bundle["config_files"] = {printable(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in configs}
+        software = {"python": platform.python_version()}
+        for package in ("monai-segmentation-bundles", "torch", "monai", "numpy", "nibabel", "SimpleITK", "itk"):
+            try:
+                software[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                pass
+        settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
+                    "overwrite": self.overwrite, "qc": self.qc, "max_voxels": self.max_voxels,
+                    "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp}
+        return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
+                "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",
+                          "sha256": model_sha256},
+                "software": software, "host": printable(platform.node()), "processes": world,
+                "started": started_at}

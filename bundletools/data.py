@@ -2,43 +2,58 @@
 """Datalists for the bundles: MSD-layout training data, checked before training, and folders of scans to segment.
 
 Every problem is reported as a :class:`DatasetError` that names the dataset, the case and the file, so a user
-sees what to fix instead of a stack trace from inside a DataLoader worker.
+sees what to fix instead of a stack trace from inside a DataLoader worker. What a single scan is (its header,
+size, geometry, DICOM series) is :mod:`bundletools.images`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
-from collections.abc import Sequence
+import stat
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from .images import (
+    DEFAULT_MAX_VOXELS,
+    IMAGE_SUFFIXES,
+    DatasetError,
+    ImageHeader,
+    check_dicom_series,
+    detached_data_files,
+    inspect_image,
+    is_dicom_file,
+    is_dicom_folder,
+)
+from .outputs import LOCK_NAME
+
 __all__ = [
     "DatasetError",
     "IMAGE_SUFFIXES",
     "case_name",
     "read_dataset_json",
+    "declared_labels",
     "msd_training_datalist",
     "split_datalist",
     "check_training_data",
     "training_split",
     "scoring_split",
+    "Datalist",
     "inference_datalist",
     "is_dicom_file",
     "is_dicom_folder",
     "check_dicom_series",
 ]
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _MAX_REPORTED = 20
-
-
-class DatasetError(ValueError):
-    """A dataset folder or one of its cases cannot be used; the message names the path and the problem."""
+# image vs label: relative tolerance of the spacing, of the origin (in voxels) and absolute of direction cosines
+_GEOMETRY_TOLERANCE = 1e-3
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -112,25 +127,71 @@ def split_datalist(
     return cases[num_val:], cases[:num_val]
 
 
-def _load_array(path: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Voxel data (read in full, so truncated files fail here) and the array shape."""
+def declared_labels(spec: Mapping, source: str | os.PathLike = "dataset.json") -> dict[int, str]:
+    """Label value -> name from the ``labels`` of a dataset.json: MSD's ``{"0": "background", ...}``, nnU-Net's
+    ``{"background": 0, ...}`` or a list of names (value = position).
+
+    Raises:
+        DatasetError: ``labels`` is missing or is none of these (naming ``source``).
+    """
+    labels = spec.get("labels")
+    example = '{"0": "background", "1": "<first label>", ...}'
+    if labels is None:
+        raise DatasetError(f"{source}: has no 'labels'; declare the label values and names, e.g. {example}")
+    try:
+        if isinstance(labels, list) and labels and all(isinstance(n, str) for n in labels):
+            return dict(enumerate(labels))
+        if isinstance(labels, Mapping) and labels:
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):  # name -> value
+                result = {int(v): str(k) for k, v in labels.items()}
+            else:  # value -> name
+                result = {int(str(k).strip()): str(v) for k, v in labels.items()}
+            if len(result) == len(labels):
+                return result
+    except ValueError:
+        pass
+    raise DatasetError(f"{source}: 'labels' must map each label value to its name, e.g. {example}; got "
+                       f"{json.dumps(labels)[:200]}")
+
+
+def _load_array(path: str) -> np.ndarray:
+    """Voxel data, read in full (so truncated files fail here)."""
     if path.lower().endswith((".nii", ".nii.gz")):
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-        return data, tuple(img.shape)
-    img = sitk.ReadImage(path)
-    components = img.GetNumberOfComponentsPerPixel()
-    # GetSize() is (x, y, z), the axis order nibabel and MONAI use
-    return sitk.GetArrayFromImage(img), tuple(img.GetSize()) + ((components,) if components > 1 else ())
+        return np.asanyarray(nib.load(path).dataobj)
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def _geometry_problem(image: ImageHeader, label: ImageHeader) -> str | None:
+    """How the label's grid differs from the image's (spacing, origin, direction), or ``None``."""
+    tol = _GEOMETRY_TOLERANCE
+
+    def fmt(values) -> str:
+        return "(" + ", ".join(f"{v:.6g}" for v in np.ravel(values)) + ")"
+
+    if np.any(np.abs(label.spacing - image.spacing) > tol * image.spacing):
+        return f"label spacing {fmt(label.spacing)} differs from image spacing {fmt(image.spacing)} mm"
+    if np.any(np.abs(label.direction - image.direction) > tol):
+        return (f"label direction {fmt(label.direction.T)} differs from image direction {fmt(image.direction.T)} "
+                "(flipped or rotated axes)")
+    if np.linalg.norm(label.origin - image.origin) > tol * float(image.spacing.min()):
+        return f"label origin {fmt(label.origin)} differs from image origin {fmt(image.origin)} mm"
+    return None
 
 
 def check_training_data(
-    datalist: Sequence[dict[str, str]], labels: Sequence[int], in_channels: int | None = None
+    datalist: Sequence[dict[str, str]],
+    labels: Sequence[int],
+    in_channels: int | None = None,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    root: str | os.PathLike | None = None,
 ) -> None:
-    """Load every image and label once and check what training relies on.
+    """Read every image and label header, then their voxels, and check what training relies on.
 
-    Checks that each file reads completely, that the image is 3D (or 4D with ``in_channels`` channels last),
-    that the label has the image's spatial shape, and that label values are among ``labels``.
+    From the headers, before any voxel is read: size (``max_voxels``), a geometry that can be used (no NaN, not
+    singular, orthogonal axes), detached headers naming data files outside ``root``, an image that is 3D (or 4D
+    with ``in_channels`` channels last), and a label on the image's grid: same spatial shape, spacing, origin and
+    direction (within a small tolerance). Then each file reads completely, the image has no NaN or Inf voxels and
+    the label values are among ``labels``.
 
     Raises:
         DatasetError: listing every case that failed, with the file and the problem.
@@ -139,16 +200,17 @@ def check_training_data(
     problems = []
     for item in datalist:
         case = case_name(item["image"])
-        try:
-            image, image_shape = _load_array(item["image"])
-        except Exception as e:  # any reader failure: report the file, not the reader's traceback
-            problems.append(f"case {case}: cannot read image {item['image']} ({type(e).__name__}: {e})")
+        headers = {}
+        for key in ("image", "label"):
+            try:
+                headers[key] = inspect_image(item[key], root=root, max_voxels=max_voxels)
+            except DatasetError as e:
+                problems.append(f"case {case}: {key} {e}")
+            except Exception as e:  # any reader failure: report the file, not the reader's traceback
+                problems.append(f"case {case}: cannot read {key} {item[key]} ({type(e).__name__}: {e})")
+        if len(headers) < 2:
             continue
-        try:
-            label, label_shape = _load_array(item["label"])
-        except Exception as e:
-            problems.append(f"case {case}: cannot read label {item['label']} ({type(e).__name__}: {e})")
-            continue
+        image_shape, label_shape = headers["image"].shape, headers["label"].shape
         if len(image_shape) not in (3, 4):
             problems.append(f"case {case}: image {item['image']} has shape {image_shape}; expected a 3D volume")
             continue
@@ -164,6 +226,19 @@ def check_training_data(
                 f" ({item['label']})"
             )
             continue
+        geometry = _geometry_problem(headers["image"], headers["label"])
+        if geometry:
+            problems.append(f"case {case}: {geometry} ({item['label']}); resample the label onto the image")
+            continue
+        arrays = {}
+        for key in ("image", "label"):
+            try:
+                arrays[key] = _load_array(item[key])
+            except Exception as e:
+                problems.append(f"case {case}: cannot read {key} {item[key]} ({type(e).__name__}: {e})")
+        if len(arrays) < 2:
+            continue
+        image, label = arrays["image"], arrays["label"]
         if not np.all(np.isfinite(image)):
             problems.append(f"case {case}: image {item['image']} contains NaN or Inf voxels")
         values = np.unique(label)
@@ -187,23 +262,32 @@ def _report(title: str, problems: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_declared(dataset_dir: str | os.PathLike, num_classes: int, in_channels: int) -> Path:
-    """The folder, once its dataset.json declares ``num_classes`` labels and ``in_channels`` modalities."""
+def _check_declared(dataset_dir: str | os.PathLike, num_classes: int, in_channels: int) -> tuple[Path, list[int]]:
+    """The folder and its label values, once its dataset.json declares the labels ``0..num_classes-1`` and
+    ``in_channels`` modalities."""
     root = _existing_dir(dataset_dir)
+    source = root / "dataset.json"
     spec = read_dataset_json(root)
-    declared = spec.get("labels")
-    if isinstance(declared, dict) and len(declared) != num_classes:
+    declared = declared_labels(spec, source)
+    values = sorted(declared)
+    if values != list(range(len(values))):
         raise DatasetError(
-            f"{root / 'dataset.json'} declares {len(declared)} labels {sorted(declared.values())} but the bundle "
+            f"{source} declares the label values {values} ({', '.join(declared[v] for v in values)}); the bundles "
+            f"train on consecutive values 0..{len(values) - 1} with 0 the background: renumber the labels in the "
+            "label files and in dataset.json"
+        )
+    if len(declared) != num_classes:
+        raise DatasetError(
+            f"{source} declares {len(declared)} labels {[declared[v] for v in values]} but the bundle "
             f"is configured for num_classes={num_classes}; pass --num_classes {len(declared)}"
         )
     modalities = spec.get("modality")
     if isinstance(modalities, dict) and len(modalities) != in_channels:
         raise DatasetError(
-            f"{root / 'dataset.json'} declares {len(modalities)} modalities but the bundle is configured for "
+            f"{source} declares {len(modalities)} modalities but the bundle is configured for "
             f"in_channels={in_channels}; pass --in_channels {len(modalities)}"
         )
-    return root
+    return root, values
 
 
 def training_split(
@@ -214,11 +298,12 @@ def training_split(
     seed: int = 0,
     check: bool = True,
     max_cases: int | None = None,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> dict[str, list[dict[str, str]]]:
     """The bundles' training entry point: ``{"training": [...], "validation": [...]}`` for an MSD folder.
 
-    The label set declared in dataset.json must have ``num_classes`` entries and its modalities ``in_channels``
-    entries, so a bundle configured for another task fails here with the override to use, not after an epoch.
+    dataset.json must declare its labels (``labels``: value -> name) as ``0..num_classes-1`` and ``in_channels``
+    modalities, so a bundle configured for another task fails here with the override to use, not after an epoch.
 
     Args:
         dataset_dir: MSD-layout folder (dataset.json, imagesTr/, labelsTr/).
@@ -226,78 +311,144 @@ def training_split(
         in_channels: number of image channels the network takes.
         val_fraction: fraction of cases held out for validation.
         seed: seed of the split.
-        check: read every case before training (see :func:`check_training_data`).
+        check: read every case before training (see :func:`check_training_data`), its label values against the
+            labels declared in dataset.json.
         max_cases: use only the first ``max_cases`` cases of the shuffled order (quick runs); ``None`` for all.
+        max_voxels: the largest image (voxels times channels) accepted by the check, from its header.
     """
-    root = _check_declared(dataset_dir, num_classes, in_channels)
+    root, labels = _check_declared(dataset_dir, num_classes, in_channels)
     datalist = msd_training_datalist(root)
     if max_cases is not None:
         datalist = sorted(datalist, key=lambda d: d["image"])
         random.Random(seed).shuffle(datalist)
         datalist = datalist[: int(max_cases)]
     if check:
-        check_training_data(datalist, labels=range(num_classes), in_channels=in_channels)
+        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels, root=root)
     train, val = split_datalist(datalist, val_fraction=val_fraction, seed=seed)
     return {"training": train, "validation": val}
 
 
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DICOM part-10 file (``DICM`` after the 128-byte preamble)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+def scoring_split(
+    dataset_dir: str | os.PathLike, num_classes: int, in_channels: int = 1, check: bool = True,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
+) -> dict[str, list[dict[str, str]]]:
+    """Every labelled case of an MSD folder as the validation set (``{"training": [], "validation": [...]}``).
 
-
-def is_dicom_folder(path: str | os.PathLike, probe: int = 20) -> bool:
-    """Whether one of the first ``probe`` files of the folder ``path`` (hidden files aside) is a DICOM file."""
-    files = [f for f in sorted(Path(path).iterdir()) if f.is_file() and not f.name.startswith(".")]
-    return any(is_dicom_file(f) for f in files[:probe])
-
-
-def check_dicom_series(folder: str | os.PathLike) -> None:
-    """Check that ``folder`` holds exactly one complete DICOM series, evenly spaced.
-
-    ITK reads the first series of a folder with several, skips slices whose header it cannot parse and only
-    warns about missing slices, so without this check a folder of bad slices gives a segmentation on a wrong
-    grid instead of an error.
-
-    Raises:
-        DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
-            or repeated slice positions).
+    For scoring a trained bundle on other data with its evaluate config
+    (``--datalist "$bundletools.scoring_split(...)"``); the same checks as :func:`training_split`.
     """
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if len(series) != 1:
-        found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
-        raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    dicom = [f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f)]
-    if len(dicom) != len(files):
-        raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
-                           "slices of the series (truncated or damaged?)")
-    if len(files) < 2:
-        return
-    positions = []
-    for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(f)
-        reader.ReadImageInformation()
-        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(reader.GetOrigin(), normal)))
-    gaps = np.diff(np.sort(positions))
-    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
-        raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
-                           f"to {gaps.max():.3g} mm); missing or extra slices?")
+    root, labels = _check_declared(dataset_dir, num_classes, in_channels)
+    datalist = sorted(msd_training_datalist(root), key=lambda d: d["image"])
+    if check:
+        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels, root=root)
+    return {"training": [], "validation": datalist}
 
 
-def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise") -> list[dict[str, str]]:
-    """Every image to segment under ``dataset_dir``, as ``{"image": path, "case": name}`` dicts sorted by name.
+# ---------------------------------------------------------------------------------------------- inference
+class Datalist(list):
+    """The cases to segment (a list of ``{"image", "case", "root"}`` dicts) and, as ``ignored``, every other
+    entry found under the input folder with the reason it is not a case (``{"input", "reason"}``)."""
 
-    ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage) and of DICOM series, one series per
-    sub-folder, or an MSD folder, whose ``imagesTr/`` and ``imagesTs/`` are read the same way. The case name is
-    the file name without its extension, or the name of the series' folder. Sub-folders without DICOM files and
-    hidden files are ignored.
+    def __init__(self, items=(), ignored=()) -> None:
+        super().__init__(items)
+        self.ignored: list[dict[str, str]] = list(ignored)
+
+
+class _Discovery:
+    """Walks an input folder: image files and DICOM series folders at any depth become cases, every other entry
+    is recorded as ignored with its reason."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inputs: list[tuple[str, str]] = []  # (case name, path)
+        self.ignored: list[dict[str, str]] = []
+        self.visited: dict[str, str] = {os.path.realpath(root): str(root)}
+
+    def ignore(self, path: str | os.PathLike, reason: str) -> None:
+        self.ignored.append({"input": str(path), "reason": reason})
+
+    def _stat(self, path: str) -> os.stat_result | None:
+        """The entry's status through symbolic links, or ``None`` after recording why it cannot be followed."""
+        try:
+            return os.stat(path)
+        except FileNotFoundError:
+            self.ignore(path, f"dangling symbolic link (to {os.readlink(path)!r})" if os.path.islink(path)
+                        else "disappeared while the folder was read")
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                self.ignore(path, "symbolic link loop")
+            else:
+                self.ignore(path, f"cannot be read ({e.strerror})")
+        return None
+
+    def walk(self, folder: Path, parts: tuple[str, ...] = ()) -> None:
+        """Cases and ignored entries of ``folder``, whose case names start with ``parts`` joined by ``_``."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            self.ignore(folder, f"folder cannot be listed ({e.strerror})")
+            return
+        if not entries:
+            self.ignore(folder, "empty folder")
+            return
+        if folder != self.root and any(e.name == LOCK_NAME for e in entries):
+            self.ignore(folder, f"an output folder of a batch (it holds {LOCK_NAME}); not read")
+            return
+        data_files: dict[str, str] = {}  # data file -> the detached header naming it
+        files, folders = [], []
+        for entry in entries:
+            path = entry.path
+            if entry.name.startswith("."):
+                self.ignore(path, "hidden")
+                continue
+            st = self._stat(path)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                folders.append(entry)
+            elif not stat.S_ISREG(st.st_mode):
+                self.ignore(path, "not a file or a folder (a device, FIFO or socket)")
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                self.inputs.append(("_".join((*parts, case_name(entry.name))), path))
+                try:
+                    for f in detached_data_files(path):
+                        data_files[os.path.normpath(os.path.join(folder, f))] = entry.name
+                except (OSError, ValueError):
+                    pass  # the case fails with the reader's reason
+            else:
+                files.append(path)
+        others = [p for p in files if os.path.normpath(p) in data_files or not is_dicom_file(p)]
+        if len(others) < len(files):
+            self.inputs.append(("_".join(parts) if parts else folder.name, str(folder)))
+        for path in others:
+            header = data_files.get(os.path.normpath(path))
+            if header:
+                self.ignore(path, f"data file of {header}")
+            elif len(others) < len(files):
+                self.ignore(path, f"not a DICOM file (in the series folder {folder.name})")
+            else:
+                self.ignore(path, "not an image: inputs are " + ", ".join(IMAGE_SUFFIXES)
+                            + " files and DICOM series folders")
+        for entry in folders:
+            real = os.path.realpath(entry.path)
+            if real in self.visited:
+                self.ignore(entry.path, f"a folder already read as {self.visited[real]} (symbolic link loop)")
+                continue
+            self.visited[real] = entry.path
+            self.walk(Path(entry.path), (*parts, entry.name))
+
+
+def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise") -> Datalist:
+    """Every image to segment under ``dataset_dir``, as ``{"image": path, "case": name, "root": dataset_dir}``
+    dicts sorted by name, with every other entry in ``.ignored``.
+
+    ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage) and DICOM series, at any depth
+    (``patient/study/series`` layouts), or an MSD folder, whose ``imagesTr/`` and ``imagesTs/`` are read the same
+    way. A series is a folder that directly holds DICOM files (with or without the 128-byte preamble). The case
+    name is the file name without its extension, or the series folder's name; below the top level it is prefixed
+    with the folders above, joined by ``_`` (``patient1_study2_series3``). Hidden entries, other files, empty
+    folders, dangling and looping symbolic links, the data files of detached headers and another batch's output
+    folder are not cases: each is in ``.ignored`` with the reason.
 
     Args:
         dataset_dir: the folder.
@@ -312,24 +463,23 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
     if duplicates not in ("raise", "fail"):
         raise ValueError(f"duplicates must be 'raise' or 'fail', got {duplicates!r}")
     root = _existing_dir(dataset_dir)
-    folders = [root / sub for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir()] if (
-        (root / "dataset.json").is_file()
-    ) else [root]
-    inputs: list[tuple[str, str]] = []
-    for folder in folders:
-        for f in sorted(folder.iterdir()):
-            if f.name.startswith("."):
-                continue
-            if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES):
-                inputs.append((case_name(f), str(f)))
-            elif f.is_dir() and is_dicom_folder(f):
-                inputs.append((f.name, str(f)))
-    if not inputs:
+    found = _Discovery(root)
+    if (root / "dataset.json").is_file():  # MSD: the images of imagesTr/ and imagesTs/
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.name in ("imagesTr", "imagesTs") and entry.is_dir():
+                found.walk(Path(entry.path))
+            else:
+                found.ignore(entry.path, "not an input folder of an MSD dataset (imagesTr/, imagesTs/)")
+    else:
+        found.walk(root)
+    if not found.inputs:
         raise DatasetError(
             f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders to segment"
+            + (f" ({len(found.ignored)} other entries ignored, e.g. {Path(found.ignored[0]['input']).name}: "
+               f"{found.ignored[0]['reason']})" if found.ignored else "")
         )
     by_name: dict[str, list[str]] = {}
-    for name, path in inputs:
+    for name, path in found.inputs:
         by_name.setdefault(name, []).append(path)
     datalist = []
     for name in sorted(by_name):
@@ -337,24 +487,9 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
         if len(paths) > 1 and duplicates == "raise":
             raise DatasetError(f"{paths[0]} and {paths[1]} have the same case name {name!r}; outputs would collide")
         for path in paths:
-            item = {"image": path, "case": name}
+            item = {"image": path, "case": name, "root": str(root)}
             if len(paths) > 1:
                 others = ", ".join(Path(p).name for p in paths if p != path)
                 item["error"] = f"{Path(path).name}: has the same case name {name!r} as {others}; rename one of them"
             datalist.append(item)
-    return datalist
-
-
-def scoring_split(
-    dataset_dir: str | os.PathLike, num_classes: int, in_channels: int = 1, check: bool = True
-) -> dict[str, list[dict[str, str]]]:
-    """Every labelled case of an MSD folder as the validation set (``{"training": [], "validation": [...]}``).
-
-    For scoring a trained bundle on other data with its evaluate config
-    (``--datalist "$bundletools.scoring_split(...)"``); the same checks as :func:`training_split`.
-    """
-    root = _check_declared(dataset_dir, num_classes, in_channels)
-    datalist = sorted(msd_training_datalist(root), key=lambda d: d["image"])
-    if check:
-        check_training_data(datalist, labels=range(num_classes), in_channels=in_channels)
-    return {"training": [], "validation": datalist}
+    return Datalist(datalist, found.ignored)

@@ -223,7 +223,10 @@ def test_every_good_case_is_segmented_on_its_input_grid(first_run, scans):
     # report.csv says the same as report.json
     rows = (out / "report.csv").read_text().splitlines()
     assert rows[0] == "case,status,reason,output,seconds,input,qc"
-    assert len(rows) == 1 + len(cases)
+    assert len(rows) == 1 + len(cases) + len(report["ignored"])  # a row per case and per ignored entry
+    assert {Path(e["input"]).name: e["reason"] for e in report["ignored"]} == {
+        "header.raw": "data file of header.mhd",
+        "notes.txt": "not an image: inputs are .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd files and DICOM series folders"}
     assert "case(s) failed" in proc.output and "two_channels: " in proc.output
 
 

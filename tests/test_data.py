@@ -184,3 +184,93 @@ def test_real_hippocampus_and_brats_pass_the_checks():
     assert len(brats["training"]) + len(brats["validation"]) == 6
     with pytest.raises(DatasetError, match="declares 5 labels"):
         training_split(shared_data("BraTS2015_deepmedic_subset"), num_classes=3, in_channels=2)
+
+
+# ------------------------------------------------------------------ issue 14: label grid, declared labels, size
+def _rewrite_label(msd: Path, case: str, affine=None, data=None) -> Path:
+    path = msd / "labelsTr" / f"{case}.nii.gz"
+    label = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj) if data is None else data,
+                             label.affine if affine is None else affine), path)
+    return path
+
+
+@pytest.mark.parametrize("change, problem", [
+    (np.diag([1.0, 1.0, 2.0, 1.0]), r"label spacing \(1, 1, 2\) differs from image spacing \(1, 1, 1\) mm"),
+    (np.diag([-1.0, 1.0, 1.0, 1.0]), r"label direction .* differs from image direction .* \(flipped or rotated axes\)"),
+    (np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 5.0], [0, 0, 0, 1]]),
+     r"label origin \(0, 0, 5\) differs from image origin \(0, 0, 0\) mm"),
+])
+def test_image_and_label_geometry_are_compared_naming_the_case(msd, change, problem):
+    """Issue 14 item 8: a label with the image's shape but another spacing, a flipped axis or another origin is
+    reported before training, naming the case (it used to crash in epoch 1, or train on mirrored masks)."""
+    _rewrite_label(msd, "synthetic_002", affine=change)
+    with pytest.raises(DatasetError, match=r"case synthetic_002: " + problem):
+        training_split(msd, num_classes=3)
+
+
+def test_a_label_within_the_geometry_tolerance_passes(msd):
+    image = nib.load(msd / "imagesTr" / "synthetic_002.nii.gz")
+    _rewrite_label(msd, "synthetic_002", affine=image.affine + np.diag([1e-5, -1e-5, 0.0, 0.0]))
+    training_split(msd, num_classes=3)
+
+
+def _declare(msd: Path, labels) -> None:
+    spec = json.loads((msd / "dataset.json").read_text())
+    if labels is None:
+        del spec["labels"]
+    else:
+        spec["labels"] = labels
+    (msd / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_label_values_are_checked_against_dataset_json(msd):
+    """Issue 14 item 9: the labels declared in dataset.json are what the label values are checked against;
+    declared {0, 1, 4} are not labels a bundle can train on (it used to flag 4 and let an undeclared 2 through),
+    a missing or malformed ``labels`` is reported."""
+    _declare(msd, {"0": "background", "1": "anterior", "4": "posterior"})  # the label files hold 0, 1 and 2
+    with pytest.raises(DatasetError, match=r"declares the label values \[0, 1, 4\] \(background, anterior, "
+                                           r"posterior\); the bundles train on consecutive values 0\.\.2"):
+        training_split(msd, num_classes=3)
+    _declare(msd, None)
+    with pytest.raises(DatasetError, match=r"dataset.json: has no 'labels'"):
+        training_split(msd, num_classes=3)
+    _declare(msd, ["background", "anterior"])
+    with pytest.raises(DatasetError, match=r"declares 2 labels \['background', 'anterior'\] but the bundle is "
+                                           r"configured for num_classes=3"):
+        training_split(msd, num_classes=3)
+    _declare(msd, "background, anterior, posterior")
+    with pytest.raises(DatasetError, match=r"'labels' must map each label value to its name"):
+        training_split(msd, num_classes=3)
+    _declare(msd, {"background": 0, "anterior": 1, "posterior": 2})  # nnU-Net's form is fine
+    assert len(training_split(msd, num_classes=3)["training"]) == 5
+
+
+def test_check_training_data_flags_undeclared_values_and_accepts_declared_ones(tmp_path):
+    """Issue 14 item 9 (the check itself): with labels {0, 1, 4} declared, 4 passes and 2 is reported."""
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    label = np.zeros((6, 6, 6), np.uint8)
+    label[1, 1, 1] = 4
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lab.nii.gz")
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    check_training_data([item], labels=[0, 1, 4])
+    label[2, 2, 2] = 2
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lab.nii.gz")
+    with pytest.raises(DatasetError, match=r"value\(s\) \[2\] outside the declared labels \[0, 1, 4\]"):
+        check_training_data([item], labels=[0, 1, 4])
+
+
+def test_training_check_reads_the_size_from_the_header_first(msd):
+    """Issue 14 item 11 (size, training side): an image whose header claims 1000³ voxels is reported without
+    being read; the limit is ``max_voxels``."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.uint8)
+    header.set_data_offset(352)
+    (msd / "imagesTr" / "synthetic_001.nii.gz").write_bytes(
+        gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 1000))
+    with pytest.raises(DatasetError, match=r"case synthetic_001: image .*synthetic_001\.nii\.gz: its header "
+                                           r"declares 1000x1000x1000 = 1e\+09 voxels, more than max_voxels"):
+        training_split(msd, num_classes=3)
+    with pytest.raises(DatasetError, match=r"case synthetic_000: image .* more than max_voxels=1e\+03"):
+        training_split(msd, num_classes=3, max_voxels=1000)

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from .io import LoadScand
 from .slices import SliceAxisLast, SliceAxisLastd, SplitUncertaintyd, slice_last_order
 from .spatial import SpacingMetaSafed
 from .validation import CheckImaged, InvalidImageError
 
-__all__ = ["CheckImaged", "InvalidImageError", "SliceAxisLast", "SliceAxisLastd", "SpacingMetaSafed",
+__all__ = ["CheckImaged", "InvalidImageError", "LoadScand", "SliceAxisLast", "SliceAxisLastd", "SpacingMetaSafed",
            "SplitUncertaintyd", "slice_last_order"]

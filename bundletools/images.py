@@ -1,0 +1,373 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What an input scan is, read from its header before any voxel: size, geometry, the files it is made of.
+
+:func:`inspect_image` reads only the header of a NIfTI, NRRD or MetaImage file, or of the slices of a DICOM series
+folder, and refuses, with a :class:`DatasetError` naming the file, what must not be read or cannot be kept:
+
+- more voxels than ``max_voxels`` (a header claiming 1000³ voxels is refused before 4 GB are allocated);
+- a detached header (``.mhd``, ``.nhdr``) whose data files lie outside the input folder;
+- a geometry that cannot be kept: NaN in the affine (sform/qform), a singular affine (an axis of length zero,
+  collinear axes) or a non-orthogonal direction (shear), which the outputs could not carry;
+- a file name that is not valid UTF-8 in a format read by ITK (ITK cannot open it, and SimpleITK aborts the
+  process on it).
+
+:func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both);
+:func:`check_dicom_series` checks that a folder holds one complete, evenly spaced series; :func:`input_checksum`
+is the SHA-256 of an input (a file, a detached header with its data files, or a series folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "DatasetError",
+    "IMAGE_SUFFIXES",
+    "DEFAULT_MAX_VOXELS",
+    "ImageHeader",
+    "inspect_image",
+    "is_dicom_file",
+    "is_dicom_folder",
+    "check_dicom_series",
+    "detached_data_files",
+    "input_files",
+    "input_checksum",
+    "input_fingerprint",
+]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DEFAULT_MAX_VOXELS = 512 * 512 * 1024  # voxels x channels; 1 GB as float32
+_ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+_ORTHOGONALITY_TOLERANCE = 1e-4
+_DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
+              b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
+              b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+_HEADER_BYTES = 1 << 20
+
+
+class DatasetError(ValueError):
+    """A dataset folder or one of its cases cannot be used; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a header says: ``shape`` as nibabel gives it (spatial axes, then channels), ``affine`` in RAS mm."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    spatial_dims: int = 3
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[: self.spatial_dims])
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 0
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def origin(self) -> np.ndarray:
+        return self.affine[:3, 3]
+
+    @property
+    def direction(self) -> np.ndarray:
+        return self.affine[:3, :3] / self.spacing
+
+
+# ------------------------------------------------------------------------------------------------------ DICOM
+def _looks_like_dicom(head: bytes) -> bool:
+    """DICOM part 10 (``DICM`` after the preamble), or a data set without preamble that starts with a group 0002 or
+    0008 element in little-endian explicit or implicit VR (GDCM reads such files)."""
+    if head[128:132] == b"DICM" or head[:4] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return False
+    if head[4:6] in _DICOM_VRS:  # explicit VR
+        return True
+    length = struct.unpack("<I", head[4:8])[0]
+    return group == 0x0008 and length < 0x10000 and length % 2 == 0  # implicit VR (never the meta group)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file: a regular file with ``DICM`` after the 128-byte preamble, or a data set
+    without preamble (see :func:`_looks_like_dicom`). Never blocks on a FIFO or a device."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return _looks_like_dicom(f.read(132))
+    except OSError:
+        return False
+
+
+def is_dicom_folder(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` directly holds a DICOM file (hidden files aside), whatever sorts before it."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return False
+    return any(not e.name.startswith(".") and is_dicom_file(e.path) for e in entries)
+
+
+def _itk_readable_name(path: str | os.PathLike) -> None:
+    """ITK takes UTF-8 file names only (SimpleITK aborts the process on others): refuse them first."""
+    try:
+        os.fsencode(path).decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    raise DatasetError(f"{path}: the file name is not valid UTF-8, and ITK, which reads this format, cannot open it; "
+                       "rename it")
+
+
+def _slice_reader(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")  # also for slices without the preamble, which the IO factory does not claim
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _sitk_affine(size, spacing, origin, direction) -> np.ndarray:
+    """RAS affine of an ITK (LPS) geometry, padded to 3D."""
+    dims = len(size)
+    d = np.eye(3)
+    d[:dims, :dims] = np.array(direction, dtype=np.float64).reshape(dims, dims)
+    s = np.ones(3)
+    s[:dims] = spacing
+    o = np.zeros(3)
+    o[:dims] = origin
+    affine = np.eye(4)
+    affine[:3, :3] = d * s
+    affine[:3, 3] = o
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
+    """Check that ``folder`` holds exactly one complete DICOM series, evenly spaced; returns its header.
+
+    ITK reads the first series of a folder with several, skips slices whose header it cannot parse and only
+    warns about missing slices, so without this check a folder of bad slices gives a segmentation on a wrong
+    grid instead of an error.
+
+    Raises:
+        DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
+            or repeated slice positions, file names ITK cannot open).
+    """
+    _itk_readable_name(folder)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) != 1:
+        found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
+        raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    for f in files:
+        _itk_readable_name(f)
+    dicom = [e for e in os.scandir(folder) if not e.name.startswith(".") and is_dicom_file(e.path)]
+    if len(dicom) != len(files):
+        raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
+                           "slices of the series (truncated or damaged?)")
+    first = _slice_reader(files[0])
+    size = first.GetSize()
+    affine = _sitk_affine(size, first.GetSpacing(), first.GetOrigin(), first.GetDirection())
+    header = ImageHeader((*size[:2], len(files)), affine)
+    if len(files) < 2:
+        return header
+    positions = []
+    for f in files:
+        reader = _slice_reader(f)
+        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(reader.GetOrigin(), normal)))
+    gaps = np.diff(np.sort(positions))
+    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
+        raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
+                           f"to {gaps.max():.3g} mm); missing or extra slices?")
+    return header
+
+
+# ------------------------------------------------------------------------------------------- detached headers
+def _expand_pattern(fields: list[str]) -> list[str]:
+    """``name%03d.raw 1 10 1`` -> the file names it stands for."""
+    fmt, first, last, step = fields[0], int(fields[1]), int(fields[2]), int(fields[3]) if len(fields) > 3 else 1
+    if step == 0 or abs(last - first) // abs(step) > 100000:
+        raise ValueError(f"file pattern {' '.join(fields)!r} is not a usable range")
+    return [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
+
+
+def detached_data_files(path: str | os.PathLike) -> list[str]:
+    """The data files a MetaImage (``.mha``/``.mhd``) or NRRD (``.nrrd``/``.nhdr``) header names, as written
+    (relative to the header's folder, or absolute); ``[]`` when the voxels are in the file itself or it is not
+    such a header."""
+    name = str(path).lower()
+    if not name.endswith(_ITK_SUFFIXES):
+        return []
+    with open(path, "rb") as f:
+        text = f.read(_HEADER_BYTES).decode("latin-1")
+    lines = text.splitlines()
+    if name.endswith((".mha", ".mhd")):
+        for i, line in enumerate(lines):
+            key, sep, value = line.partition("=")
+            if sep and key.strip().lower() == "elementdatafile":
+                value = value.strip()
+                if value.upper() == "LOCAL":
+                    return []
+                if value.upper().startswith("LIST"):
+                    return [n.strip() for n in lines[i + 1:] if n.strip()]
+                fields = value.split()
+                return _expand_pattern(fields) if "%" in value and len(fields) >= 3 else [value]
+        return []
+    if not lines or not lines[0].startswith("NRRD"):
+        return []
+    for i, line in enumerate(lines[1:], 1):
+        if not line.strip():
+            return []  # end of the header: the data follow in this file
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("data file", "datafile"):
+            value = value.strip()
+            if value.upper().startswith("LIST"):
+                return [n.strip() for n in lines[i + 1:] if n.strip()]
+            fields = value.split()
+            return _expand_pattern(fields) if "%" in value and len(fields) >= 3 else [value]
+    return []
+
+
+def _within(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_data_files(path: str, root: str | os.PathLike | None) -> None:
+    files = detached_data_files(path)
+    root = str(root) if root is not None else os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    for f in files:
+        if not _within(os.path.join(folder, f), root):
+            raise DatasetError(f"{path}: its header names the data file {f!r}, outside the input folder {root}; "
+                               "only data files inside the input folder are read")
+
+
+# ------------------------------------------------------------------------------------------------------ headers
+def _nifti_header(path: str) -> ImageHeader:
+    img = nib.load(path)
+    return ImageHeader(tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64),
+                       min(3, len(img.shape)))
+
+
+def _itk_header(path: str) -> ImageHeader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    components = reader.GetNumberOfComponents()
+    affine = _sitk_affine(size[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+                          np.array(reader.GetDirection()).reshape(len(size), len(size))[:3, :3].ravel())
+    return ImageHeader(tuple(size) + ((components,) if components > 1 else ()), affine, min(3, len(size)))
+
+
+def _check_geometry(path: str, header: ImageHeader) -> None:
+    """Refuse a geometry the outputs could not keep, saying which."""
+    matrix = header.affine[:3, :3]
+    if not np.all(np.isfinite(header.affine)):
+        raise DatasetError(f"{path}: the header's affine (NIfTI sform/qform, or spacing, origin and direction) "
+                           "contains NaN or Inf; its geometry cannot be kept, so the image is not segmented")
+    spacing = header.spacing
+    if np.any(spacing < 1e-6) or abs(np.linalg.det(matrix / np.maximum(spacing, 1e-12))) < 1e-6:
+        raise DatasetError(f"{path}: the header's affine is singular (voxel sizes {np.round(spacing, 6).tolist()}, "
+                           "an axis of length zero or two axes in line); its geometry cannot be kept")
+    direction = header.direction
+    shear = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if shear > _ORTHOGONALITY_TOLERANCE:
+        raise DatasetError(f"{path}: the header's axes are not orthogonal (sheared by up to {shear:.3g}); an output "
+                           "cannot keep this direction, so the image is not segmented")
+
+
+def inspect_image(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                  max_voxels: int | None = DEFAULT_MAX_VOXELS, check_geometry: bool = True) -> ImageHeader:
+    """The header of the input ``path`` (a file, or a DICOM series folder), read without its voxels and checked.
+
+    Args:
+        path: the input.
+        root: the input folder; a detached header may only name data files inside it (default: the header's own
+            folder).
+        max_voxels: the largest number of voxels times channels accepted; ``None`` for no limit.
+        check_geometry: refuse NaN, singular or non-orthogonal affines.
+
+    Raises:
+        DatasetError: the problem, naming ``path``. A header that cannot be parsed raises the reader's error.
+    """
+    path = str(path)
+    if os.path.isdir(path):
+        header = check_dicom_series(path)
+    elif path.lower().endswith((".nii", ".nii.gz")):
+        header = _nifti_header(path)
+    else:
+        _itk_readable_name(path)
+        _check_data_files(path, root)
+        header = _itk_header(path)
+    if max_voxels is not None and header.voxels > max_voxels:
+        raise DatasetError(f"{path}: its header declares {'x'.join(map(str, header.shape))} = {header.voxels:.3g} "
+                           f"voxels, more than max_voxels={max_voxels:.3g}; it was not read (raise max_voxels to "
+                           "segment it)")
+    if check_geometry:
+        _check_geometry(path, header)
+    return header
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+def input_files(path: str | os.PathLike) -> list[str]:
+    """The files the input ``path`` is made of: the file and the data files of a detached header, or the
+    non-hidden files of a series folder; sorted."""
+    path = str(path)
+    if os.path.isdir(path):
+        return sorted(e.path for e in os.scandir(path) if not e.name.startswith(".") and e.is_file())
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        data = [os.path.join(folder, f) for f in detached_data_files(path)]
+    except (OSError, ValueError):
+        data = []
+    return [path, *sorted(f for f in data if os.path.isfile(f))]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_checksum(path: str | os.PathLike) -> str:
+    """SHA-256 of the input: of the file itself (what ``sha256sum`` prints) when it is one file, else of the
+    ``sha256sum``-style lines (``<sha256>  <name>``) of its files."""
+    files = input_files(path)
+    if len(files) == 1 and not os.path.isdir(path):
+        return _sha256(files[0])
+    lines = "".join(f"{_sha256(f)}  {os.fsencode(os.path.basename(f)).decode('utf-8', 'backslashreplace')}\n"
+                    for f in files)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def input_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap stand-in for the checksum: the name, size, inode, modification and change times of the input's
+    files. Equal fingerprints mean unchanged files (the change time moves with any write), so a resumed batch
+    hashes only inputs whose fingerprint moved."""
+    parts = []
+    for f in input_files(path):
+        st = os.stat(f)
+        parts.append(f"{os.fsencode(f).hex()} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+

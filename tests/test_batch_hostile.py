@@ -1,0 +1,531 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The batch runner against hostile folders and command lines (issue 14): every promise holds.
+
+In-process runs build the UNet bundle's ``evaluator`` from its ``inference.json`` (a randomly initialised model:
+robustness does not need a trained one) over small folders made for each promise; the lock and the command line
+are also tested in fresh processes, as a pipeline runs them. Each test names the promise it checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import monai.bundle
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigParser
+
+from bundletools.batch import TMP_PREFIX
+from bundletools.data import inference_datalist
+from tests.conftest import BUNDLES, subprocess_env
+from tests.test_batch_inference import UNET, random_model, read_reference, write_dicom_series
+
+SHAPE = (16, 20, 12)
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def unet_root(tmp_path_factory) -> Path:
+    return random_model(UNET, tmp_path_factory.mktemp("unet_random"))
+
+
+def volume(seed: int = 0, shape=SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray | None = None, affine=None) -> None:
+    nib.save(nib.Nifti1Image(volume() if data is None else data, np.eye(4) if affine is None else affine),
+             os.fsdecode(path))
+
+
+def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
+    """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it; returns the report."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
+                   **overrides})
+    runner = parser.get_parsed_content("evaluator")
+    runner.exit_on_failure = False
+    return runner.run()
+
+
+def by_input(report: dict) -> dict[str, dict]:
+    return {Path(c["input"]).name: c for c in report["cases"]}
+
+
+def sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ 1: names that are not UTF-8
+def test_a_file_name_that_is_not_utf8_is_segmented_reported_escaped_and_resumed(tmp_path, unet_root, caplog):
+    """Item 1: a latin-1 ``Müller.nii.gz`` is segmented, report.csv/json are valid UTF-8 with the byte escaped, a
+    rerun skips it; a name ITK cannot open fails its case alone (SimpleITK would abort the process)."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(os.fsencode(scans) + b"/M\xfcller.nii.gz")
+    save_nifti(scans / "plain.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(volume()), str(tmp_path / "x.nrrd"))
+    os.rename(tmp_path / "x.nrrd", os.fsencode(scans) + b"/Gr\xf6\xdfe.nrrd")
+    caplog.set_level(logging.INFO)
+
+    report = batch(scans, out, unet_root)
+    cases = by_input(report)
+    assert cases["M\\xfcller.nii.gz"]["status"] == "succeeded" and cases["M\\xfcller.nii.gz"]["case"] == "M\\xfcller"
+    assert os.path.isfile(os.fsencode(out) + b"/M\xfcller_seg.nii.gz")  # the output keeps the input's bytes
+    assert cases["plain.nii.gz"]["status"] == "succeeded"
+    itk = cases["Gr\\xf6\\xdfe.nrrd"]
+    assert itk["status"] == "failed" and "the file name is not valid UTF-8" in itk["reason"]
+    rows = list(csv.DictReader((out / "report.csv").read_bytes().decode("utf-8").splitlines()))
+    assert {r["case"] for r in rows} == {"M\\xfcller", "plain", "Gr\\xf6\\xdfe"}
+    json.loads((out / "report.json").read_bytes().decode("utf-8"))
+    assert all("\udcfc" not in r.getMessage() for r in caplog.records)
+    assert any("M\\xfcller" in r.getMessage() for r in caplog.records)
+
+    again = by_input(batch(scans, out, unet_root))  # a rerun works and skips what is complete
+    assert again["M\\xfcller.nii.gz"]["status"] == again["plain.nii.gz"]["status"] == "skipped"
+
+
+def test_newlines_in_names_cannot_forge_log_lines(tmp_path, unet_root, caplog):
+    """Item 11 (log forging): a newline in a file name is escaped in every log line and in the report."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_nifti(scans / "x\nINFO forged: segmented.nii.gz")
+    caplog.set_level(logging.DEBUG)
+    report = batch(scans, tmp_path / "out", unet_root)
+    assert report["cases"][0]["case"] == "x\\nINFO forged: segmented"
+    lines = [line for r in caplog.records for line in r.getMessage().splitlines()]
+    assert not [line for line in lines if line.startswith("INFO forged")]
+    assert any("x\\nINFO forged: segmented" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------ 2: one-voxel axes
+def test_a_one_voxel_trailing_axis_is_kept_with_the_exact_geometry(tmp_path, unet_root):
+    """Item 2: a (20, 24, 1) NIfTI and a one-file DICOM series stay 3D with their origin, spacing, direction."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    affine = np.array([[0.0, -0.9, 0.0, 12.0], [1.1, 0.0, 0.0, -4.0], [0.0, 0.0, 3.0, 7.5], [0, 0, 0, 1]])
+    save_nifti(scans / "one_slice.nii.gz", volume(1, (20, 24, 1)), affine)
+    write_dicom_series(scans / "one_file_series", (volume(2, (1, 18, 22)) * 100), (0.8, 0.7, 2.0),
+                       (3.0, -2.0, 41.0), IDENTITY, "1.2.826.0.1.3680043.2.1125.14.1")
+    cases = by_input(batch(scans, out, unet_root))
+    assert {c["status"] for c in cases.values()} == {"succeeded"}, cases
+    seg = nib.load(out / "one_slice_seg.nii.gz")
+    assert seg.shape == (20, 24, 1)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    reference = read_reference(scans / "one_file_series")
+    dicom = sitk.ReadImage(str(out / "one_file_series_seg.nii.gz"))
+    assert dicom.GetDimension() == 3 and dicom.GetSize() == reference.GetSize() == (22, 18, 1)
+    np.testing.assert_allclose(dicom.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(dicom.GetOrigin()[2], 41.0, atol=1e-4)
+    np.testing.assert_allclose(dicom.GetSpacing()[:2], reference.GetSpacing()[:2], atol=1e-5)
+    np.testing.assert_allclose(dicom.GetDirection(), reference.GetDirection(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- 3: long names
+def test_long_case_names_get_short_temporary_names_or_fail_with_the_length(tmp_path, unet_root):
+    """Item 3: a 240-character case is segmented (its temporary name stays within 255 bytes); one whose output
+    name would pass 255 bytes fails with that reason, not "cannot find a suitable writer"."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    fits, too_long = "a" * 240, "b" * 246  # outputs: 251 and 257 bytes
+    save_nifti(scans / f"{fits}.nii.gz")
+    save_nifti(scans / f"{too_long}.nii.gz")
+    cases = {c["case"]: c for c in batch(scans, out, unet_root)["cases"]}
+    assert cases[fits]["status"] == "succeeded" and (out / f"{fits}_seg.nii.gz").is_file()
+    assert cases[too_long]["status"] == "failed"
+    assert "is 257 bytes long and the file system allows 255" in cases[too_long]["reason"]
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+
+
+# ------------------------------------------------------------------------------------------ 4, 5: the lock
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path, unet_root):
+    """Item 4: ``OUT/.batch.lock`` pointing at another file: the run stops naming the link; the file keeps its
+    content (the old runner truncated it)."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious settings\n")
+    out.mkdir()
+    (out / ".batch.lock").symlink_to(victim)
+    with pytest.raises(RuntimeError, match=r"\.batch\.lock: is a symbolic link"):
+        batch(scans, out, unet_root)
+    assert victim.read_text() == "precious settings\n"
+    assert not (out / "a_seg.nii.gz").exists()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.slow
+def test_the_lock_dies_with_a_killed_runner_while_its_loader_workers_live(tmp_path, unet_root):
+    """Item 5: ``kill -9`` of a runner with DataLoader workers: the folder can be locked again at once (the
+    workers used to inherit the lock and hold it for about 40 s)."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for i in range(40):
+        save_nifti(scans / f"case_{i:02d}.nii.gz", volume(i, (32, 32, 24)))
+    command = [sys.executable, "-m", "bundletools.infer", UNET, str(scans), str(out), "--bundle_root",
+               str(unet_root), "--num_workers", "2"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:  # wait until the workers have delivered a case
+            if "[2/40]" in line or time.monotonic() > deadline:
+                break
+        workers = _children(proc.pid)
+        assert workers, "the runner has no worker processes"
+        proc.kill()
+        proc.wait()
+        assert any(_alive(w) for w in workers), "the workers died with the runner; nothing was tested"
+        with open(out / ".batch.lock", "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a worker still holds it
+        assert any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------- 6: command line
+@pytest.fixture
+def captured_run(monkeypatch, tmp_path):
+    """``python -m bundletools.infer`` in-process with ``monai.bundle.run`` replaced by a recorder."""
+    calls: list[dict] = []
+    monkeypatch.setattr(monai.bundle, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.chdir(tmp_path)
+
+    def infer(*args) -> dict:
+        from bundletools.infer import main
+
+        monkeypatch.setattr(sys, "argv", ["bundletools.infer", *map(str, args)])
+        main()
+        return calls[-1]
+
+    return infer
+
+
+def test_the_command_line_takes_paths_and_flags_as_typed(captured_run, tmp_path, unet_root):
+    """Item 6: ``2024.10``, ``1e3`` and ``out,v2`` stay strings; ``false`` in any case is false; numbers and
+    lists are parsed for keys whose default is one."""
+    (tmp_path / "1e3").mkdir()
+    args = captured_run(UNET, "1e3", "2024.10", "--overwrite", "false", "--qc", "FALSE", "--bundle_root", unet_root,
+                        "--num_workers", "0", "--sw_overlap", "0.25", "--roi_size", "[32,32,16]")
+    assert (args["dataset_dir"], args["output_dir"]) == ("1e3", "2024.10")
+    assert args["overwrite"] is False and args["qc"] is False
+    assert args["num_workers"] == 0 and args["sw_overlap"] == 0.25 and args["roi_size"] == [32, 32, 16]
+    args = captured_run(UNET, "1e3", "out,v2", "--overwrite", "--qc", "True", "--amp", "false", "--bundle_root",
+                        unet_root)
+    assert args["output_dir"] == "out,v2" and args["overwrite"] is True and args["qc"] is True
+    assert args["amp"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["IN", "OUT", "--ovewrite", "True"], r"the bundle unet_segmentation has no config key 'ovewrite'; its keys are "
+                                          r"amp, bundle_root, .*overwrite, .*qc"),
+    (["nowhere", "OUT"], r"the input folder 'nowhere' does not exist"),
+    (["IN", "OUT", "--ckpt_path", "none.pt"], r"no trained model at none\.pt"),
+    (["IN", "OUT", "--overwrite", "maybe"], r"--overwrite takes true or false, not 'maybe'"),
+])
+def test_command_line_mistakes_are_one_line_naming_them_exit_1(captured_run, tmp_path, unet_root, capsys, args,
+                                                                message):
+    """Item 6: a misspelled key, a missing folder or model: one line on stderr naming it, exit status 1."""
+    (tmp_path / "IN").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        captured_run(UNET, *args, "--bundle_root", unet_root)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_an_unknown_bundle_is_one_line_exit_1(captured_run, tmp_path, capsys):
+    (tmp_path / "IN").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        captured_run("unet_segmentaton", "IN", "OUT")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown bundle 'unet_segmentaton'" in err and "unet_segmentation" in err
+
+
+def test_false_strings_from_monai_bundle_run_are_false(tmp_path, unet_root):
+    """Item 6 / README: ``python -m monai.bundle run ... --overwrite false --qc false`` passes the strings
+    ``"false"``; the runner takes them as false (they used to be true)."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    batch(scans, out, unet_root, qc="false")
+    assert not (out / "a_qc.png").exists()
+    mtime = (out / "a_seg.nii.gz").stat().st_mtime_ns
+    assert batch(scans, out, unet_root, overwrite="False", qc="false")["cases"][0]["status"] == "skipped"
+    assert (out / "a_seg.nii.gz").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_the_command_line_end_to_end(tmp_path, unet_root):
+    """Item 6 end to end: the output folder is named as typed, ``--qc false`` writes no picture, a rerun with
+    ``--overwrite FALSE`` skips, and a misspelled key is one line on stderr with exit status 1."""
+    (tmp_path / "1e3").mkdir()
+    save_nifti(tmp_path / "1e3" / "a.nii.gz")
+    env = subprocess_env()
+
+    def infer(*args):
+        return subprocess.run([sys.executable, "-m", "bundletools.infer", UNET, *map(str, args), "--bundle_root",
+                               unet_root, "--num_workers", "0"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, errors="replace", timeout=600)
+
+    proc = infer("1e3", "2024.10", "--qc", "false")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "2024.10" / "a_seg.nii.gz").is_file() and not (tmp_path / "2024.10" / "a_qc.png").exists()
+    assert not (tmp_path / "2024.1").exists()
+    proc = infer("1e3", "2024.10", "--overwrite", "FALSE")
+    assert proc.returncode == 0
+    assert json.loads((tmp_path / "2024.10" / "report.json").read_text())["cases"][0]["status"] == "skipped"
+    proc = infer("1e3", "2024.10", "--ovewrite", "True")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "no config key 'ovewrite'" in proc.stderr
+    # the README's quoting for python -m monai.bundle (Fire): --output_dir "'out,v2'" and --qc false
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(BUNDLES / UNET / "configs" / "inference.json"), "--dataset_dir", "'1e3'",
+                           "--output_dir", "'out,v2'", "--qc", "false", "--bundle_root", str(unet_root),
+                           "--num_workers", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "out,v2" / "a_seg.nii.gz").is_file() and not (tmp_path / "out,v2" / "a_qc.png").exists()
+
+
+# ---------------------------------------------------------------------------- 7: DICOM discovery, accounting
+def _strip_preamble(folder: Path) -> None:
+    for f in folder.iterdir():
+        f.write_bytes(f.read_bytes()[132:])  # no preamble, no "DICM": the file starts with the meta group
+
+
+def accounted(report: dict, path: Path) -> list[str]:
+    """How the report accounts for ``path``: the statuses of its records, or of the records below it."""
+    inside = [*((c["input"], c["status"]) for c in report["cases"]),
+              *((e["input"], "ignored: " + e["reason"]) for e in report["ignored"])]
+    return [status for p, status in inside if p == str(path) or p.startswith(str(path) + os.sep)]
+
+
+def test_dicom_series_are_found_and_every_entry_of_the_input_folder_is_accounted_for(tmp_path, unet_root):
+    """Item 7 and "every entry of IN is accounted for": slices without the preamble, a series folder where 25
+    other files sort first, a nested patient/study/series layout, dangling and looping links, an empty folder and
+    a text file: each is a case or an ignored entry with its reason; the series are segmented."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    zyx = volume(3, (6, 18, 22)) * 100
+    write_dicom_series(scans / "no_preamble", zyx, (0.8, 0.9, 2.0), (1.0, 2.0, 3.0), IDENTITY,
+                       "1.2.826.0.1.3680043.2.1125.14.2")
+    _strip_preamble(scans / "no_preamble")
+    write_dicom_series(scans / "crowded", zyx, (1, 1, 2), (0, 0, 0), IDENTITY, "1.2.826.0.1.3680043.2.1125.14.3")
+    for i in range(25):
+        (scans / "crowded" / f"a_thumbnail_{i:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not DICOM")
+    write_dicom_series(scans / "patient1" / "study1" / "series1", zyx, (1, 1, 2), (0, 0, 0), IDENTITY,
+                       "1.2.826.0.1.3680043.2.1125.14.4")
+    save_nifti(scans / "scan.nii.gz")
+    (scans / "notes.txt").write_text("not an image")
+    (scans / "empty").mkdir()
+    (scans / "dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    (scans / "loop.nii.gz").symlink_to(scans / "loop.nii.gz")
+    (scans / "patient1" / "back_to_top").symlink_to(scans)
+
+    datalist = inference_datalist(scans, duplicates="fail")
+    assert sorted(d["case"] for d in datalist) == ["crowded", "no_preamble", "patient1_study1_series1", "scan"]
+    report = batch(scans, out, unet_root)
+    assert {c["case"]: c["status"] for c in report["cases"]} == dict.fromkeys(
+        ["crowded", "no_preamble", "patient1_study1_series1", "scan"], "succeeded")
+    seg = sitk.ReadImage(str(out / "no_preamble_seg.nii.gz"))  # the geometry written into the slices
+    assert seg.GetSize() == (22, 18, 6)
+    np.testing.assert_allclose(seg.GetOrigin(), (1.0, 2.0, 3.0), atol=1e-4)
+    np.testing.assert_allclose(seg.GetSpacing(), (0.8, 0.9, 2.0), atol=1e-4)
+    ignored = {Path(e["input"]).name: e["reason"] for e in report["ignored"]}
+    assert ignored["dangling.nii.gz"].startswith("dangling symbolic link")
+    assert ignored["loop.nii.gz"] == "symbolic link loop"
+    assert "symbolic link loop" in ignored["back_to_top"]
+    assert ignored["empty"] == "empty folder" and ignored["notes.txt"].startswith("not an image")
+    assert ignored["a_thumbnail_00.jpg"] == "not a DICOM file (in the series folder crowded)"
+    for entry in scans.iterdir():  # every entry of IN
+        assert accounted(report, entry), f"{entry.name} is not in the report"
+    rows = (out / "report.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(report["cases"]) + len(report["ignored"])
+
+
+# ----------------------------------------------------------------------------- 10: geometry that cannot be kept
+def _nifti_with_header(path: Path, sform=None, sform_code=1, qform_nan=False) -> None:
+    """A gzipped NIfTI whose sform/qform fields are written as given (nibabel would recompute them)."""
+    image = nib.Nifti1Image(volume(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image.header.set_data_offset(352)
+    header = bytearray(image.header.binaryblock)
+    header[254:256] = struct.pack("<h", sform_code)
+    if sform is not None:
+        header[280:328] = np.asarray(sform, "<f4")[:3].tobytes()
+    if qform_nan:
+        header[252:254] = struct.pack("<h", 1)  # qform_code
+        header[254:256] = struct.pack("<h", 0)  # sform_code
+        header[256:260] = struct.pack("<f", float("nan"))  # quatern_b
+    path.write_bytes(gzip.compress(bytes(header) + b"\0" * 4 + volume().tobytes()))
+
+
+def test_geometry_that_cannot_be_kept_fails_the_case_naming_it(tmp_path, unet_root):
+    """Item 10: NaN sform, NaN qform, a sheared NRRD direction, a singular affine: each case fails saying which
+    geometry cannot be kept; never an output with a made-up geometry reported as success."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "good.nii.gz")
+    _nifti_with_header(scans / "nan_sform.nii.gz", sform=np.full((4, 4), np.nan))
+    _nifti_with_header(scans / "nan_qform.nii.gz", qform_nan=True)
+    _nifti_with_header(scans / "singular.nii.gz", sform=np.diag([1.0, 1.0, 0.0, 1.0]))
+    (scans / "shear.nhdr").write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 12 20 16\n"
+        "space directions: (1,0,0) (0.5,1,0) (0,0,2)\nkinds: domain domain domain\nendian: little\n"
+        "encoding: raw\nspace origin: (1,2,3)\ndata file: shear.raw\n")
+    volume().tofile(scans / "shear.raw")
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["good.nii.gz"]["status"] == "succeeded"
+    expected = {"nan_sform.nii.gz": r"nan_sform\.nii\.gz: the header's affine \(NIfTI sform/qform.*NaN",
+                "nan_qform.nii.gz": r"nan_qform\.nii\.gz: the header's affine \(NIfTI sform/qform.*NaN",
+                "singular.nii.gz": r"singular\.nii\.gz: the header's affine is singular",
+                "shear.nhdr": r"shear\.nhdr: the header's axes are not orthogonal"}
+    for name, reason in expected.items():
+        assert cases[name]["status"] == "failed" and re.search(reason, cases[name]["reason"]), cases[name]
+        assert "geometry cannot be kept" in cases[name]["reason"] or "cannot keep" in cases[name]["reason"]
+        assert not list(out.glob(f"{name.split('.')[0]}_seg*"))
+
+
+# ------------------------------------------------------------------------- 11: size, detached headers, resume
+def test_size_is_checked_from_the_header_before_any_voxel_is_read(tmp_path, unet_root):
+    """Item 11 (size): a header claiming 1000³ voxels fails without being read; the limit is the config's
+    ``max_voxels``."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.uint8)
+    header.set_data_offset(352)
+    (scans / "huge.nii").write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 1000)  # a header and 1 kB
+    save_nifti(scans / "small.nii.gz")
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["small.nii.gz"]["status"] == "succeeded"
+    assert cases["huge.nii"]["status"] == "failed"
+    assert re.search(r"huge\.nii: its header declares 1000x1000x1000 = 1e\+09 voxels, more than max_voxels=2\.68e\+08;"
+                     r" it was not read", cases["huge.nii"]["reason"]), cases["huge.nii"]["reason"]
+    small = by_input(batch(scans, tmp_path / "out2", unet_root, max_voxels=1000))["small.nii.gz"]
+    assert small["status"] == "failed" and "more than max_voxels=1e+03" in small["reason"]
+
+
+def test_a_detached_header_cannot_read_data_outside_the_input_folder(tmp_path, unet_root):
+    """Item 11 (detached headers): ``.mhd``/``.nhdr`` naming a data file outside IN fail without reading it;
+    one whose data file is inside IN is segmented."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    volume().tofile(tmp_path / "secret.raw")
+    volume().tofile(scans / "inside.raw")
+    mhd = "ObjectType = Image\nNDims = 3\nDimSize = 16 20 12\nElementType = MET_FLOAT\nElementDataFile = {}\n"
+    (scans / "inside.mhd").write_text(mhd.format("inside.raw"))
+    (scans / "relative.mhd").write_text(mhd.format("../secret.raw"))
+    (scans / "absolute.nhdr").write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nsizes: 16 20 12\nencoding: raw\nendian: little\n"
+        f"data file: {tmp_path / 'secret.raw'}\n")
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["inside.mhd"]["status"] == "succeeded"
+    for name in ("relative.mhd", "absolute.nhdr"):
+        assert cases[name]["status"] == "failed", cases[name]
+        assert "outside the input folder" in cases[name]["reason"]
+
+
+def test_resume_redoes_changed_inputs_and_other_models_and_records_checksums(tmp_path, unet_root, monkeypatch):
+    """Item 11 (resume, audit): the report records each case's input and model SHA-256 and the run's bundle,
+    config and software; a corrected scan under the same name and outputs of another model are redone."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    config = BUNDLES / UNET / "configs" / "inference.json"
+    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", str(config)])
+    save_nifti(scans / "a.nii.gz", volume(1))
+    save_nifti(scans / "b.nii.gz", volume(2))
+    model = unet_root / "models" / "model.pt"
+    report = batch(scans, out, unet_root)
+    cases = by_input(report)
+    assert cases["a.nii.gz"]["input_sha256"] == sha256(scans / "a.nii.gz")
+    assert cases["a.nii.gz"]["model_sha256"] == sha256(model)
+    run = report["run"]
+    assert run["model"]["sha256"] == sha256(model)
+    assert run["bundle"]["config_files"] == {str(config): sha256(config)} and run["bundle"]["name"] == UNET
+    assert run["command"] == f"monai/bundle/__main__.py run --config_file {config}"
+    assert {"torch", "monai", "python"} <= set(run["software"])
+
+    save_nifti(scans / "a.nii.gz", volume(5))  # a corrected scan under the same name
+    cases = by_input(batch(scans, out, unet_root))
+    assert (cases["a.nii.gz"]["status"], cases["b.nii.gz"]["status"]) == ("succeeded", "skipped")
+    assert cases["a.nii.gz"]["input_sha256"] == sha256(scans / "a.nii.gz")
+
+    other = tmp_path / "other.pt"
+    torch.manual_seed(7)
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), other)
+    cases = by_input(batch(scans, out, unet_root, ckpt_path=str(other)))
+    assert {c["status"] for c in cases.values()} == {"succeeded"}
+    assert cases["b.nii.gz"]["model_sha256"] == sha256(other)
+    os.utime(scans / "b.nii.gz")  # touched, same content: still complete
+    cases = by_input(batch(scans, out, unet_root, ckpt_path=str(other)))
+    assert {c["status"] for c in cases.values()} == {"skipped"}
+
+
+def test_outputs_are_synced_to_disk_before_they_are_renamed(tmp_path, unet_root, monkeypatch):
+    """Item 11 (fsync): every output and report file is fsync'ed under its temporary name before the rename,
+    and the folder after it."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def spy_replace(src, dst, **kwargs):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    batch(scans, out, unet_root, qc=True)
+    renamed = {e[2]: i for i, e in enumerate(events) if e[0] == "replace"}
+    for name in ("a_seg.nii.gz", "a_qc.png", "report.json", "report.csv"):
+        target = os.path.realpath(out / name)
+        assert target in renamed, f"{name} was not renamed into place"
+        i = renamed[target]
+        source = events[i][1]
+        assert ("fsync", source) in events[:i], f"{name} was renamed before it was synced"
+        assert ("fsync", os.path.realpath(out)) in events[i:], f"the folder was not synced after {name}"
+
