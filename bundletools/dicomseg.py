@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AlgorithmInfo", "SEGMENT_CODES", "build_segmentation", "file_sha256", "labels_on_source_frames",
-           "read_series", "segment_names", "write_segmentation"]
+__all__ = ["AlgorithmInfo", "SEGMENT_CODES", "build_segmentation", "file_sha256", "is_dicom_series",
+           "labels_on_source_frames", "read_series", "segment_names", "segmentation_writer", "write_segmentation"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GRID_TOLERANCE = 1e-2  # voxels: DICOM decimal strings carry positions to about 1e-5 mm
@@ -236,3 +236,43 @@ def build_segmentation(
 def write_segmentation(segmentation, path: str | os.PathLike) -> None:
     """Write the SEG as a DICOM file (the caller makes the write atomic)."""
     segmentation.save_as(str(path), enforce_file_format=True)  # preamble and file meta: a part-10 file
+
+
+def is_dicom_series(source: str | os.PathLike | None) -> bool:
+    """Whether an input of the batch runner is a DICOM series (a folder; files are other formats)."""
+    return source is not None and Path(source).is_dir()
+
+
+def segmentation_writer(labels: Any, names: Mapping[int, str], algorithm: AlgorithmInfo,
+                        source: str | os.PathLike | None = None, **kwargs: Any):
+    """A writer (``callable(path)``) of the DICOM SEG of one case, for the batch runner's output folder.
+
+    Args:
+        labels: the case's labels, channel first (``(1, X, Y, Z)``) or not, as a MONAI ``MetaTensor`` on the input's
+            grid (its ``affine`` and ``filename_or_obj``, the series folder, come from its metadata).
+        names, algorithm: see :func:`build_segmentation`.
+        source: the series folder; default the labels' ``filename_or_obj``.
+        kwargs: more arguments of :func:`build_segmentation`.
+
+    Everything (reading the source headers, matching the grid, encoding) happens when the writer is called, so an
+    error fails that case's write and leaves no output.
+    """
+    meta = getattr(labels, "meta", {})
+    source = source if source is not None else meta.get("filename_or_obj")
+    if not is_dicom_series(source):
+        raise ValueError(f"{source}: a DICOM SEG needs a DICOM series folder as the source")
+    affine = meta.get("affine")
+    if affine is None:
+        raise ValueError(f"{source}: the labels carry no affine; a DICOM SEG needs their voxel grid")
+    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
+    array = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"a DICOM SEG is made of one label volume, got {array.shape[0]} channels")
+        array = array[0]
+    array = np.rint(array).astype(np.int32)
+
+    def write(path: Path) -> None:
+        write_segmentation(build_segmentation(read_series(source), array, affine, names, algorithm, **kwargs), path)
+
+    return write

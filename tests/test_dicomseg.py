@@ -21,6 +21,7 @@ from bundletools.dicomseg import (
     labels_on_source_frames,
     read_series,
     segment_names,
+    segmentation_writer,
     write_segmentation,
 )
 from tests.conftest import BUNDLES, shared_data
@@ -209,3 +210,28 @@ def test_label_value_the_bundle_does_not_name_is_an_error(series):
     with pytest.raises(ValueError, match=r"values \[7\]"):
         build_segmentation(read_series(folder), labels, image.affine, {1: "anterior", 2: "posterior"},
                            AlgorithmInfo("unet_segmentation", "0.1.0", "0" * 64))
+
+
+@pytest.mark.realdata
+def test_writer_takes_the_runner_s_labels_with_their_metadata(series, tmp_path):
+    """The runner hands the writer a channel-first MetaTensor whose metadata (affine, filename_or_obj) come from
+    MONAI's reading of the series; the SEG must equal the one built from the NIfTI output."""
+    from monai.data import MetaTensor
+    from monai.transforms import LoadImage
+
+    folder, nifti, label = series
+    loaded = LoadImage(image_only=True, reader="ITKReader", ensure_channel_first=True)(str(folder))
+    labels = MetaTensor(np.asarray(nib.load(nifti).dataobj)[None].astype(np.float32), meta=dict(loaded.meta))
+    algorithm = AlgorithmInfo("unet_segmentation", "0.1.0", "cd" * 32)
+    segmentation_writer(labels, {1: "anterior", 2: "posterior"}, algorithm)(tmp_path / "seg.dcm")
+    read = highdicom.seg.segread(tmp_path / "seg.dcm")
+    uids = _sitk_order(folder)
+    labels_zyx = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti)))
+    with_labels = [k for k in range(len(uids)) if labels_zyx[k].any()]
+    pixels = read.get_pixels_by_source_instance(source_sop_instance_uids=[uids[k] for k in with_labels],
+                                                combine_segments=True, skip_overlap_checks=True)
+    np.testing.assert_array_equal(pixels, labels_zyx[with_labels])
+
+    with pytest.raises(ValueError, match="needs a DICOM series folder"):
+        segmentation_writer(MetaTensor(labels.as_tensor(), meta={**loaded.meta, "filename_or_obj": str(nifti)}),
+                            {1: "anterior", 2: "posterior"}, algorithm)
