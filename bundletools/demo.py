@@ -141,8 +141,9 @@ def _seconds(hms: str) -> float:
 
 
 def _label_means(path: Path) -> tuple[dict[str, float], int]:
-    """(per-label mean, number of cases) over the cases of a ``<metric>_raw.csv`` (columns: filename, labels..., mean); NaN cases
-    (a label absent from the prediction) are left out, and an infinite distance makes the mean infinite."""
+    """(per-label mean, number of cases) over the cases of a ``<metric>_raw.csv`` (columns: filename, labels...,
+    mean); NaN cases (a label absent from the prediction) are left out, and an infinite distance makes the mean
+    infinite."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     header, values = rows[0][1:], np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64)

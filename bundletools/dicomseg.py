@@ -150,7 +150,8 @@ def labels_on_source_frames(labels: np.ndarray, affine: np.ndarray, datasets: Se
         rows, columns = int(ds.Rows), int(ds.Columns)
         if on_grid:
             r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
-            index = np.round(steps).astype(int) @ np.stack([c.ravel(), r.ravel()]) + np.round(origin).astype(int)[:, None]
+            pixels = np.stack([c.ravel(), r.ravel()])
+            index = np.round(steps).astype(int) @ pixels + np.round(origin).astype(int)[:, None]
             on_grid = bool(np.all(index >= 0) and np.all(index < np.array(labels.shape)[:, None]))
         if not on_grid:
             raise ValueError(f"source slice {ds.SOPInstanceUID} (position {list(map(float, ds.ImagePositionPatient))}) "

@@ -56,9 +56,11 @@ def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, d
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "MR", "Test^Hippo", "T1", "", "O"
+        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Test^Hippo", "T1"
+        ds.PatientBirthDate, ds.PatientSex = "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
-        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20240101", "120000", "", ""
+        ds.StudyID, ds.StudyDate, ds.StudyTime = "1", "20240101", "120000"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
         ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, k + 1, "test"
         position = np.asarray(origin_lps) + direction_lps[:, 2] * spacing[2] * k
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
