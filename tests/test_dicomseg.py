@@ -237,3 +237,15 @@ def test_writer_takes_the_runner_s_labels_with_their_metadata(series, tmp_path):
     with pytest.raises(ValueError, match="needs a DICOM series folder"):
         segmentation_writer(MetaTensor(labels.as_tensor(), meta={**loaded.meta, "filename_or_obj": str(nifti)}),
                             {1: "anterior", 2: "posterior"}, algorithm)
+
+
+@pytest.mark.realdata
+def test_nothing_segmented_still_gives_a_readable_seg_with_every_segment(series, tmp_path):
+    folder, nifti, _ = series
+    image = nib.load(nifti)
+    seg = build_segmentation(read_series(folder), np.zeros(image.shape, np.uint8), image.affine,
+                             {1: "anterior", 2: "posterior"}, AlgorithmInfo("unet_segmentation", "0.1.0", "0" * 64))
+    write_segmentation(seg, tmp_path / "empty.dcm")
+    read = highdicom.seg.segread(tmp_path / "empty.dcm")
+    assert read.get_segment_numbers() == [1, 2]
+    assert not np.any(pydicom.dcmread(tmp_path / "empty.dcm").pixel_array)
