@@ -219,9 +219,9 @@ def run_demo(bundle: str = "unet_segmentation", data_dir: str | Path = REPO_ROOT
     epoch_s = sum(epoch_times) / len(epoch_times) if epoch_times else math.nan
 
     print(f"\nDemo finished in {total:.0f} s ({len(epoch_times)} training epochs, {epoch_s:.1f} s per epoch).")
-    print(f"\nValidation Dice and HD95 on {num_val} held-out synthetic cases (best model):")
+    print(f"\nValidation Dice and HD95 on {num_val} held-out synthetic case{'s' * (num_val != 1)} (best model):")
     print(_table(dice, hd95))
-    print(f"\nSegmented {len(done)} new synthetic scans in {seconds_per_case:.2f} s per case "
+    print(f"\nSegmented {len(done)} new synthetic scan{'s' * (len(done) != 1)} in {seconds_per_case:.2f} s per case "
           "(read, preprocess, infer, write, QC picture).")
     print("\nWhere to look:")
     print(f"  QC pictures:    {_show(segmentations)}/*_qc.png (sagittal, coronal and axial slices through the "
