@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """DICOM SEG of a label volume over a real multi-slice DICOM series (made at test time from a Task04 volume, axial
 and oblique): read back with pydicom and highdicom, every frame must lie on the source slice it references and
-hold that slice's labels of the NIfTI output; highdicom's reader must open it."""
+hold that slice's labels of the NIfTI output; highdicom's reader must open it. The batch runner writes one per
+case read from a DICOM series (``--dicom_seg True``), resumes and reports it like the NIfTI output."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import highdicom
@@ -24,7 +28,7 @@ from bundletools.dicomseg import (
     segmentation_writer,
     write_segmentation,
 )
-from tests.conftest import BUNDLES, shared_data
+from tests.conftest import BUNDLES, config_list, run_bundle, shared_data
 
 CASE = "hippocampus_001"
 AXIAL = np.eye(3)
@@ -253,3 +257,62 @@ def test_nothing_segmented_still_gives_a_readable_seg_with_every_segment(series,
     read = highdicom.seg.segread(tmp_path / "empty.dcm")
     assert read.get_segment_numbers() == [1, 2]
     assert not np.any(pydicom.dcmread(tmp_path / "empty.dcm").pixel_array)
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+def _scans_with_series(folder: Path) -> dict[str, Path]:
+    """An input folder: the case as an axial and as an oblique MR series, and as a NIfTI file."""
+    data = shared_data("Task04_Hippocampus")
+    image = np.asarray(nib.load(data / "imagesTr" / f"{CASE}.nii.gz").dataobj)
+    write_mr_series(folder / "axial_series", image, (0.9, 0.8, 1.5), (-12.5, 30.25, 4.0), AXIAL)
+    write_mr_series(folder / "oblique_series", image, (0.9, 0.8, 1.5), (-12.5, 30.25, 4.0), OBLIQUE)
+    shutil.copy(data / "imagesTr" / f"{CASE}.nii.gz", folder / "plain.nii.gz")
+    return {"axial_series": folder / "axial_series", "oblique_series": folder / "oblique_series"}
+
+
+@pytest.mark.realdata
+def test_runner_writes_a_seg_per_dicom_case_resumes_and_reports_it(tmp_path):
+    from tests.test_batch_inference import random_model
+
+    series = _scans_with_series(tmp_path / "in")
+    root = random_model("unet_segmentation", tmp_path / "bundle")
+    model_sha256 = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    args = ["run", "--config_file", config_list("unet_segmentation", "inference"), "--dataset_dir", tmp_path / "in",
+            "--output_dir", out, "--bundle_root", root, "--num_workers", "0"]
+
+    run_bundle(args[:-2] + ["--output_dir", tmp_path / "off", "--num_workers", "0"], cwd=tmp_path)  # off by default
+    assert not list((tmp_path / "off").glob("*.dcm"))
+
+    run_bundle(args + ["--dicom_seg", "True"], cwd=tmp_path)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix != ".json"
+                  and not p.name.endswith(".csv")) == [
+        "axial_series_seg.dcm", "axial_series_seg.nii.gz", "oblique_series_seg.dcm", "oblique_series_seg.nii.gz",
+        "plain_seg.nii.gz"]
+    version = json.loads((BUNDLES / "unet_segmentation" / "configs" / "metadata.json").read_text())["version"]
+    for case, folder in series.items():
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_seg.nii.gz")))
+        assert len(np.unique(labels)) == 3 and any(len(np.unique(s)) > 1 for s in labels), "labels too uniform"
+        assert_seg_matches(out / f"{case}_seg.dcm", folder, out / f"{case}_seg.nii.gz",
+                           ("unet_segmentation", version, model_sha256))
+        highdicom.seg.segread(out / f"{case}_seg.dcm")
+
+    report = json.loads((out / "report.json").read_text())
+    cases = {c["case"]: c for c in report["cases"]}
+    assert cases["axial_series"]["outputs"]["dicom_seg"] == str(out / "axial_series_seg.dcm")
+    assert "dicom_seg" not in cases["plain"]["outputs"]
+    with open(out / "report.csv", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert rows["oblique_series"]["dicom_seg"] == str(out / "oblique_series_seg.dcm")
+    assert rows["plain"]["dicom_seg"] == ""
+
+    # resume: everything is complete; a missing SEG makes its case incomplete, and only that case is redone
+    uid = pydicom.dcmread(out / "oblique_series_seg.dcm", stop_before_pixels=True).SOPInstanceUID
+    (out / "axial_series_seg.dcm").unlink()
+    run_bundle(args + ["--dicom_seg", "True"], cwd=tmp_path)
+    status = {c["case"]: c["status"] for c in json.loads((out / "report.json").read_text())["cases"]}
+    assert status == {"axial_series": "succeeded", "oblique_series": "skipped", "plain": "skipped"}
+    assert pydicom.dcmread(out / "oblique_series_seg.dcm", stop_before_pixels=True).SOPInstanceUID == uid
+    assert_seg_matches(out / "axial_series_seg.dcm", series["axial_series"], out / "axial_series_seg.nii.gz",
+                       ("unet_segmentation", version, model_sha256))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
