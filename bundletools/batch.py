@@ -21,7 +21,8 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
   failed;
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
-- an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`).
+- an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
+- an optional DICOM SEG per case read from a DICOM series (``<case>_seg.dcm``, see :mod:`bundletools.dicomseg`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from transforms import InvalidImageError
 
 from .data import case_name
 from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
-from .outputs import LOCK_NAME, TMP_PREFIX, OutputFolder
+from .outputs import LOCK_NAME, TMP_PREFIX, BatchError, OutputFolder
 from .report import FAILED, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
 
@@ -64,6 +65,7 @@ __all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED",
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUTS = {"pred": {"postfix": "seg", "dtype": "uint8"}}
+DICOM_SEG = "dicom_seg"  # the output key of the DICOM SEG of a case read from a DICOM series
 _MAX_REASON = 400
 _READ = "cannot read the image"
 
@@ -223,6 +225,9 @@ class BatchInference:
         qc: also write ``<case>_qc.png`` (part of what makes a case complete).
         qc_key: the output drawn in the QC picture.
         qc_size: side of each of the three QC panels in pixels.
+        dicom_seg: also write ``<case>_seg.dcm``, the DICOM SEG of the segmentation (the first output), for each
+            case read from a DICOM series (:mod:`bundletools.dicomseg`; needs highdicom and the bundle's
+            ``metadata.json``). Part of what makes such a case complete.
         num_workers: DataLoader workers reading and preprocessing the next cases while one is segmented.
         output_ext: extension of the written images.
         max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
@@ -252,6 +257,7 @@ class BatchInference:
         qc: bool = False,
         qc_key: str = "pred",
         qc_size: int = 256,
+        dicom_seg: bool = False,
         num_workers: int = 0,
         output_ext: str = ".nii.gz",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
@@ -279,6 +285,7 @@ class BatchInference:
                 raise ValueError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
         self.image_key, self.pred_key = image_key, pred_key
         self.overwrite, self.qc = _flag(overwrite, "overwrite"), _flag(qc, "qc")
+        self.dicom_seg = _flag(dicom_seg, "dicom_seg")
         self.qc_key, self.qc_size = qc_key, int(qc_size)
         self.num_workers = int(num_workers)
         self.output_ext = output_ext
@@ -289,7 +296,10 @@ class BatchInference:
         files = {key: f"_{spec['postfix']}{spec['ext']}" for key, spec in self.outputs.items()}
         if self.qc:
             files["qc"] = "_qc.png"
+        if self.dicom_seg:  # <case>_seg.dcm next to <case>_seg.nii.gz
+            files[DICOM_SEG] = f"_{self.outputs[next(iter(self.outputs))]['postfix']}.dcm"
         self.folder = OutputFolder(self.output_dir, files)
+        self._seg_info: tuple[dict[int, str], Any] | None = None  # segment names, algorithm; set by run()
 
     # ----------------------------------------------------------------------------------------------- paths
     def case_names(self) -> list[str]:
@@ -310,9 +320,11 @@ class BatchInference:
         """
         started, started_at = time.perf_counter(), _now()
         rank, world, own_group = self._init_distributed()
-        report = BatchReport(self.output_dir, list(self.outputs), self.qc)
+        report = BatchReport(self.output_dir, [*self.outputs, *([DICOM_SEG] if self.dicom_seg else [])], self.qc)
         try:
             model_sha256 = self._load_weights()
+            if self.dicom_seg:
+                self._seg_info = self._dicom_seg_info(model_sha256)
             self.network.eval()
             names = self.case_names()
             if rank == 0:
@@ -392,7 +404,7 @@ class BatchInference:
                 logger.warning(f"{printable(case)}: FAILED: {reason}")
                 done.append(self._record(index, case, FAILED, reason))
                 continue
-            previous = None if self.overwrite else self.folder.record(case)
+            previous = None if self.overwrite else self.folder.record(case, self._case_keys(source))
             if previous is not None and previous.get("model_sha256") != model_sha256:
                 logger.info(f"{printable(case)}: its outputs come from another model; segmenting it again")
             elif previous is not None:
@@ -402,7 +414,8 @@ class BatchInference:
                 except OSError:
                     same = False
                 if same:
-                    done.append(self._record(index, case, SKIPPED, outputs=self.folder.paths(case),
+                    outputs = {k: p for k, p in self.folder.paths(case).items() if k in self._case_keys(source)}
+                    done.append(self._record(index, case, SKIPPED, outputs=outputs,
                                              input_sha256=previous.get("input_sha256", ""),
                                              model_sha256=model_sha256))
                     continue
@@ -418,7 +431,7 @@ class BatchInference:
         return {"index": index, "case": printable(case), "status": status, "reason": reason,
                 "input": printable(self.dataset.data[index][self.image_key]),
                 "output": outputs.get(next(iter(self.outputs)), ""),
-                "outputs": {k: outputs[k] for k in self.outputs if k in outputs},
+                "outputs": {k: outputs[k] for k in [*self.outputs, DICOM_SEG] if k in outputs},
                 "qc": outputs.get("qc", ""), "seconds": round(seconds, 3), "rank": rank,
                 "input_sha256": input_sha256, "model_sha256": model_sha256}
 
@@ -437,7 +450,7 @@ class BatchInference:
                           "input_fingerprint": sample.get("input_fingerprint", ""), "model_sha256": model_sha256}
             if not reason:
                 try:
-                    outputs = self._segment(case, sample.pop("data"), provenance)
+                    outputs = self._segment(case, sample.pop("data"), provenance, source)
                 except Exception as e:  # this case failed; the batch goes on
                     reason = failure_reason(e, source, "segmentation failed")
                     sample["traceback"] = traceback.format_exc()
@@ -456,7 +469,7 @@ class BatchInference:
                                             **checksums))
         return records
 
-    def _segment(self, case: str, data: dict, provenance: Mapping) -> dict[str, Path]:
+    def _segment(self, case: str, data: dict, provenance: Mapping, source: Any = None) -> dict[str, Path]:
         """Infer, postprocess and write one preprocessed case; returns the final paths."""
         image = data[self.image_key]
         inputs = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None]
@@ -482,7 +495,50 @@ class BatchInference:
                 writers[key] = WRITERS[spec["writer"]](data[key], spec, data)
             if self.qc:
                 writers["qc"] = partial(self._write_qc, data)
+            if DICOM_SEG in self._case_keys(source):
+                from .dicomseg import segmentation_writer
+
+                names, algorithm = self._seg_info
+                labels = data[next(iter(self.outputs))]  # the segmentation: the first declared output
+                writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
             return self.folder.write(case, writers, {**provenance, "written": _now()})
+
+    def _case_keys(self, source: Any) -> list[str]:
+        """The outputs a case has: all declared ones, and the DICOM SEG when enabled and the input is a series."""
+        from .dicomseg import is_dicom_series
+
+        keys = list(self.folder.files)
+        if DICOM_SEG in keys and not (isinstance(source, (str, os.PathLike)) and is_dicom_series(source)):
+            keys.remove(DICOM_SEG)
+        return keys
+
+    def _dicom_seg_info(self, model_sha256: str) -> tuple[dict[int, str], Any]:
+        """Segment names and algorithm identification of the DICOM SEGs, from the bundle's ``metadata.json``; a
+        :class:`BatchError` when they cannot be had (the run cannot start)."""
+        from importlib.util import find_spec
+
+        from .dicomseg import AlgorithmInfo, segment_names
+
+        if find_spec("highdicom") is None:
+            raise BatchError("dicom_seg needs highdicom: pip install 'monai-segmentation-bundles[dicom]'")
+        path = self._metadata_file()
+        if path is None:
+            raise BatchError("dicom_seg needs the bundle's configs/metadata.json for the segment names; pass "
+                             "bundle_root")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            names = segment_names(meta)
+        except (OSError, ValueError) as e:
+            raise BatchError(f"{printable(path)}: {e}") from e
+        return names, AlgorithmInfo(str(meta.get("name", "")), str(meta.get("version", "")), model_sha256)
+
+    def _metadata_file(self) -> Path | None:
+        """The bundle's ``metadata.json``: next to the config that ran, else under ``bundle_root``."""
+        configs = _config_files()
+        if not configs and self.bundle_root is not None:
+            configs = [p for p in [Path(self.bundle_root) / "configs" / "inference.json"] if p.is_file()]
+        path = configs[0].parent / "metadata.json" if configs else None
+        return path if path is not None and path.is_file() else None
 
     def _write_qc(self, data: dict, path: Path) -> None:
         from .qc import save_qc_png
@@ -518,7 +574,8 @@ class BatchInference:
             except metadata.PackageNotFoundError:
                 pass
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
-                    "overwrite": self.overwrite, "qc": self.qc, "max_voxels": self.max_voxels,
+                    "overwrite": self.overwrite, "qc": self.qc, "dicom_seg": self.dicom_seg,
+                    "max_voxels": self.max_voxels,
                     "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp}
         return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
                 "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",

@@ -2,7 +2,7 @@
 """Batch inference from the command line, for pipelines:
 
     python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] [--qc [true|false]]
-                                [--<config key> <value> ...]
+                                [--dicom_seg [true|false]] [--<config key> <value> ...]
 
 ``<bundle>`` is a bundle name of this repository (``unet_segmentation``) or the folder of a bundle. This is
 exactly ``python -m monai.bundle run --config_file <bundle>/configs/inference.json --dataset_dir <input_dir>
@@ -32,7 +32,7 @@ from typing import Any
 __all__ = ["infer", "main", "parse_command_line", "CommandLineError"]
 
 USAGE = ("usage: python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] "
-         "[--qc [true|false]] [--<config key> <value> ...]")
+         "[--qc [true|false]] [--dicom_seg [true|false]] [--<config key> <value> ...]")
 _BOOL_WORDS = ("true", "false")
 
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 try:  # advisory lock on the output folder (POSIX); without it, concurrent runs are simply not detected
@@ -195,10 +195,11 @@ class OutputFolder:
         return self.path / STATE_DIR / f"{hashlib.sha256(os.fsencode(case)).hexdigest()[:32]}.json"
 
     # ----------------------------------------------------------------------------------------- completeness
-    def record(self, case: str) -> dict | None:
-        """What produced the outputs of ``case`` (written by :meth:`write`) when they are all there, else
-        ``None``."""
-        if not all(p.is_file() and p.stat().st_size > 0 for p in self.paths(case).values()):
+    def record(self, case: str, keys: Collection[str] | None = None) -> dict | None:
+        """What produced the outputs of ``case`` (written by :meth:`write`) when they are all there (those of
+        ``keys`` only, when given: the outputs this case has), else ``None``."""
+        paths = [p for k, p in self.paths(case).items() if keys is None or k in keys]
+        if not all(p.is_file() and p.stat().st_size > 0 for p in paths):
             return None
         try:
             record = json.loads(self._record_path(case).read_text(encoding="utf-8"))
@@ -209,7 +210,7 @@ class OutputFolder:
     # ------------------------------------------------------------------------------------------------ write
     def write(self, case: str, writers: Mapping[str, Callable[[Path], None]], record: Mapping) -> dict[str, Path]:
         """Write every output of ``case`` with its writer (called with a temporary path that has the final
-        extension), sync them, rename them into place, then write ``record``; returns the final paths."""
+        extension), sync them, rename them into place, then write ``record``; returns their final paths."""
         final = self.paths(case)
         temps: dict[str, Path] = {}
         try:
@@ -227,4 +228,4 @@ class OutputFolder:
         finally:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
-        return final
+        return {key: final[key] for key in writers}
