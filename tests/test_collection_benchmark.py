@@ -86,7 +86,8 @@ def test_bundle_and_builtin_under_one_protocol(tmp_path, synthetic_msd, other_ms
 
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "## Equal epochs: 1 epoch per network" in table and "## Equal time" not in table
-    assert "| SegResNet (MONAI) | demo | 1 epoch | 0 |" in table and "| UNet (bundle), thick | demo | 1 epoch | 0 |" in table
+    assert "| SegResNet (MONAI) | demo | 1 epoch | 0 |" in table
+    assert "| UNet (bundle), thick | demo | 1 epoch | 0 |" in table
     assert "Scored on: other (all cases), 3 cases" in table and "other_thick (all cases), 2 cases" in table
     assert "Machine: " in table and "Command: `python benchmarks/collection.py --epochs 1" in table
     for name in PLOTS:
@@ -195,13 +196,35 @@ def test_bad_budgets_seeds_and_thick_folders_are_named(tmp_path, synthetic_msd):
     assert proc.returncode == 2 and "--seeds sets the training seed of each run; drop --seed after --" in proc.stderr
 
 
-def test_scored_cases_are_the_split_the_run_validates_on(synthetic_msd):
-    """Overrides such as --val_fraction reach the scored split too, so scoring never sees training cases."""
+def _collection():
     spec = importlib.util.spec_from_file_location("collection", SCRIPT)
     collection = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("collection", collection)  # dataclasses look their module up there
     spec.loader.exec_module(collection)
+    return collection
+
+
+def test_scored_cases_are_the_split_the_run_validates_on(synthetic_msd):
+    """Overrides such as --val_fraction and --split_seed reach the scored split too, so scoring never sees training
+    cases; the training seed (--seed) does not move the split."""
+    collection = _collection()
     entry = next(e for e in collection.ENTRIES if e.key == "segresnet")
-    config = collection.bundle_config(entry, str(synthetic_msd), ["--val_fraction", "0.5", "--seed=3"])
-    assert config.get_parsed_content("datalist") == training_split(synthetic_msd, 3, val_fraction=0.5, seed=3)
+    expected = training_split(synthetic_msd, 3, val_fraction=0.5, seed=3)
+    assert expected != training_split(synthetic_msd, 3, val_fraction=0.5, seed=0)  # the split seed matters here
+    for seed in (0, 3, 5):
+        config = collection.bundle_config(entry, str(synthetic_msd),
+                                          ["--val_fraction", "0.5", "--split_seed=3", f"--seed={seed}"])
+        assert config.get_parsed_content("datalist") == expected
     assert config.get_parsed_content("network_def").__class__.__name__ == "SegResNet"
+
+
+def test_seeds_are_refused_when_the_split_follows_the_training_seed(synthetic_msd):
+    """A train config whose split moves with the seed (here by an override) would score each seed on other cases."""
+    collection = _collection()
+    args = collection.parse_args(["--only", "unet", "--dataset_dir", str(synthetic_msd), "--seeds", "0,1", "--",
+                                  "--val_fraction", "0.5"])
+    entry = args.entries[0]
+    collection.check_split_fixed(entry, [0, 1], args)  # the bundle's own config: one split for every seed
+    args.overrides += ["--split_seed", "@seed"]
+    with pytest.raises(SystemExit, match="unet .unet_segmentation. validates on other cases with each training seed"):
+        collection.check_split_fixed(entry, [0, 1], args)
