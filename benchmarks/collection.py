@@ -370,10 +370,9 @@ def write_tables(results: list[dict], out: Path, info: dict, command: str) -> No
 
     scored: dict[str, list[str]] = {}
     for r in results:
-        scored.setdefault(f"{r['scored_on']}, {r['cases_scored']} cases", []).append(r["training_data"])
-    scored_text = "; ".join(
-        s + ("" if len(scored) == 1 else f" (entries trained on {', '.join(dict.fromkeys(data))})")
-        for s, data in scored.items())
+        scored.setdefault(f"{r['scored_on']}, {r['cases_scored']} cases", []).append(r["network"])
+    scored_text = "; ".join(s + ("" if len(scored) == 1 else f" ({', '.join(dict.fromkeys(names))})")
+                            for s, names in scored.items())
     minutes = [b for b, rows in groups if rows[0][0]["budget_min"] is not None]
     epochs = [b for b, rows in groups if rows[0][0]["budget_epochs"] is not None]
     budgets = ([f"equal time ({', '.join(minutes)} of wall-clock training per network, validation included, on "
@@ -525,6 +524,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         pairs = _override_pairs(args.overrides)
     except ValueError as e:
         parser.error(str(e))
+    budget_keys = [k for k in ("epochs", "time_budget_s") if k in pairs]
+    if budget_keys:
+        parser.error(f"--{budget_keys[0]} after --: the benchmark sets the budget; use --minutes or --epochs")
     args.seeds, args.seed_keys = _seeds(args.seeds, parser), set()
     if args.seed_entries is not None and not args.seeds:
         parser.error("--seed_entries needs --seeds")

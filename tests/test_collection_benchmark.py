@@ -88,7 +88,8 @@ def test_bundle_and_builtin_under_one_protocol(tmp_path, synthetic_msd, other_ms
     assert "## Equal epochs: 1 epoch per network" in table and "## Equal time" not in table
     assert "| SegResNet (MONAI) | demo | 1 epoch | 0 |" in table
     assert "| UNet (bundle), thick | demo | 1 epoch | 0 |" in table
-    assert "Scored on: other (all cases), 3 cases" in table and "other_thick (all cases), 2 cases" in table
+    assert ("Scored on: other (all cases), 3 cases (SegResNet (MONAI)); other_thick (all cases), 2 cases (UNet "
+            "(bundle), thick).") in table
     assert "Machine: " in table and "Command: `python benchmarks/collection.py --epochs 1" in table
     for name in PLOTS:
         with Image.open(out / name) as image:
@@ -192,6 +193,11 @@ def test_bad_budgets_seeds_and_thick_folders_are_named(tmp_path, synthetic_msd):
     assert proc.returncode == 2 and "--seed_entries: unknown entries ['nosuchnet']" in proc.stderr
     proc = _run(["--only", "unet,dnet", "--seeds", "0,1", "--seed_entries", "ukan,unet,dnet", *data])
     assert proc.returncode == 2 and "--seed_entries ['ukan']: not among the entries run (--only)" in proc.stderr
+    proc = _run(["--epochs", "3", *data, "--", "--epochs", "5"])
+    assert proc.returncode == 2 and "--epochs after --: the benchmark sets the budget; use --minutes or --epochs" \
+        in proc.stderr
+    proc = _run([*data, "--", "--time_budget_s=60"])
+    assert proc.returncode == 2 and "--time_budget_s after --: the benchmark sets the budget" in proc.stderr
     proc = _run(["--only", "unet", "--seeds", "0,1", *data, "--", "--seed", "3"])
     assert proc.returncode == 2 and "--seeds sets the training seed of each run; drop --seed after --" in proc.stderr
 
