@@ -97,6 +97,8 @@ ENTRIES = [
     Entry("unet_thick", "UNet (bundle), thick", "unet_segmentation", THICK),
 ]
 
+THICK_KEYS = {e.key for e in ENTRIES if e.data == THICK}  # drawn dashed / square in the plots
+
 RUN_FIELDS = ["key", "network", "bundle", "training_data", "scored_on", "cases_scored", "budget", "budget_min",
               "budget_epochs", "seed", "params", "epochs", "train_s", "s_per_epoch"]
 TIME_FIELDS = ["infer_s_per_case", "infer_s_per_case_max", "status"]
@@ -427,7 +429,7 @@ def write_plots(results: list[dict], out: Path) -> list[Path]:
                 dice = [p["val_dice"] for p in r["curve"]]
                 ax.plot(minutes, [max(d, floor) for d in dice], marker="o" if r["budget_min"] is not None else "s",
                         markersize=3, label=None if j else name(budget, runs), color=colours[i % len(colours)],
-                        linestyle="--" if r["training_data"] == THICK else "-")
+                        linestyle="--" if r["key"] in THICK_KEYS else "-")
                 low = [(m, floor) for m, d in zip(minutes, dice) if d < floor]
                 if low:
                     ax.plot(*zip(*low), marker="v", markersize=7, linestyle="none", color=colours[i % len(colours)])
@@ -453,7 +455,7 @@ def write_plots(results: list[dict], out: Path) -> list[Path]:
             x, y = mean(r[x_key] for r in ok), mean(r["dice_mean"] for r in ok)
             xs.append(x)
             ax.errorbar(x, y, yerr=stdev(r["dice_mean"] for r in ok) if len(ok) > 1 else None, capsize=3,
-                        marker="s" if runs[0]["training_data"] == THICK else "o", color=colours[i % len(colours)],
+                        marker="s" if runs[0]["key"] in THICK_KEYS else "o", color=colours[i % len(colours)],
                         fillstyle="full" if runs[0]["budget_min"] is not None else "none")
             ax.annotate(name(budget, runs), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         if log_x:
