@@ -3,7 +3,7 @@
 
 It runs the bundle exactly as a user does (`python -m monai.bundle run training ...` with
 ``--time_budget_s``, then the evaluate config) and prints epochs finished, seconds per epoch, and the
-per-class Dice and HD95 (mm) of the best model on the bundle's validation split (20 % of the cases, seed 0).
+per-class Dice and HD95 (mm) of the best model on the bundle's validation split (20 % of the cases, split_seed 0).
 
     python benchmarks/train_budget.py unet_segmentation --minutes 15
     python benchmarks/train_budget.py dnet_segmentation --minutes 15 -- --feature_sizes "[8,16,32,64,128]"
