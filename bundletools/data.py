@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 __all__ = [
     "DatasetError",
@@ -118,10 +117,13 @@ def _load_array(path: str) -> tuple[np.ndarray, tuple[int, ...]]:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
         return data, tuple(img.shape)
-    img = sitk.ReadImage(path)
+    import itk  # the reader MONAI uses for these formats
+
+    img = itk.imread(path)
     components = img.GetNumberOfComponentsPerPixel()
-    # GetSize() is (x, y, z), the axis order nibabel and MONAI use
-    return sitk.GetArrayFromImage(img), tuple(img.GetSize()) + ((components,) if components > 1 else ())
+    # the size is (x, y, z), the axis order nibabel and MONAI use; the array is (z, y, x[, components])
+    size = tuple(int(n) for n in img.GetLargestPossibleRegion().GetSize())
+    return itk.array_from_image(img), size + ((components,) if components > 1 else ())
 
 
 def check_training_data(
@@ -267,11 +269,17 @@ def check_dicom_series(folder: str | os.PathLike) -> None:
         DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
             or repeated slice positions).
     """
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    import itk  # GDCM through ITK, as MONAI's ITKReader reads the series
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(False)  # one series per SeriesInstanceUID
+    names.SetGlobalWarningDisplay(False)
+    names.SetDirectory(str(folder))
+    series = list(names.GetSeriesUIDs())
     if len(series) != 1:
         found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
         raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = list(names.GetFileNames(series[0]))
     dicom = [f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f)]
     if len(dicom) != len(files):
         raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
@@ -280,11 +288,12 @@ def check_dicom_series(folder: str | os.PathLike) -> None:
         return
     positions = []
     for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(f)
-        reader.ReadImageInformation()
-        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(reader.GetOrigin(), normal)))
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(f)
+        io.ReadImageInformation()
+        origin = np.array([io.GetOrigin(i) for i in range(3)])
+        normal = np.array(io.GetDirection(2))[:3]  # the slice normal: the third axis' direction
+        positions.append(float(np.dot(origin, normal)))
     gaps = np.diff(np.sort(positions))
     if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
         raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
-from monai.handlers import metrics_saver as metrics_saver_module
 
 __all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "IterationProgress", "atomic_torch_save",
            "datalist_fingerprint"]
@@ -191,7 +190,9 @@ class LabelledMetricsSaver(MetricsSaver):
 
     MONAI's saver names the columns ``class0``, ``class1``, ... counted from the first channel that was scored,
     which reads as "background" for what is really label 1 when the background is excluded. ``class_labels``
-    gives the names in channel order (e.g. ``["anterior", "posterior"]``).
+    gives the names in channel order (e.g. ``["anterior", "posterior"]``). The call gathers what MONAI's does
+    (file names from every rank, the selected metrics and details) and hands the names to MONAI's
+    ``write_metrics_reports``, one metric at a time (it extends its label list once per metric it writes).
     """
 
     def __init__(self, *args: Any, class_labels: Sequence[str] | None = None, **kwargs: Any) -> None:
@@ -201,19 +202,26 @@ class LabelledMetricsSaver(MetricsSaver):
     def __call__(self, engine: Engine) -> None:
         if self.class_labels is None:
             return super().__call__(engine)
-        original = metrics_saver_module.write_metrics_reports
+        import ignite.distributed as idist
+        from monai.handlers.utils import write_metrics_reports
+        from monai.utils import string_list_all_gather
 
-        def write_per_metric(metrics: Any = None, metric_details: Any = None, **kwargs: Any) -> None:
-            # one call per metric: MONAI's writer extends its label list once per metric it writes
-            original(metrics=metrics, metric_details=None, **kwargs)
-            for name, values in (metric_details or {}).items():
-                original(metrics=None, metric_details={name: values}, class_labels=list(self.class_labels), **kwargs)
-
-        metrics_saver_module.write_metrics_reports = write_per_metric
-        try:
-            super().__call__(engine)
-        finally:
-            metrics_saver_module.write_metrics_reports = original
+        world_size = idist.get_world_size()
+        if self.save_rank >= world_size:
+            raise ValueError("target save rank is greater than the distributed group size.")
+        images = string_list_all_gather(strings=self._filenames) if world_size > 1 else self._filenames
+        if idist.get_rank() != self.save_rank:
+            return
+        selected = lambda names, key: names is not None and (key in names or "*" in names)  # noqa: E731
+        metrics = {k: v for k, v in engine.state.metrics.items() if selected(self.metrics, k)}
+        details = {k: v for k, v in getattr(engine.state, "metric_details", {}).items()
+                   if selected(self.metric_details, k)}
+        common = dict(save_dir=self.save_dir, images=images or None, summary_ops=self.summary_ops, deli=self.deli,
+                      output_type=self.output_type)
+        write_metrics_reports(metrics=metrics, metric_details=None, **common)
+        for name, values in details.items():
+            write_metrics_reports(metrics=None, metric_details={name: values}, class_labels=list(self.class_labels),
+                                  **common)
 
 
 class TimeBudget:

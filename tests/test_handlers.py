@@ -141,3 +141,30 @@ def test_iteration_progress_shows_a_bar_on_a_terminal(monkeypatch, capsys, monai
     assert not [r for r in caplog.records if "Iter:" in r.getMessage()]
     with pytest.raises(ValueError, match="every must be a positive number"):
         IterationProgress(every=0)
+
+
+def test_labelled_metrics_saver_names_the_class_columns(tmp_path):
+    import csv
+
+    from bundletools.handlers import LabelledMetricsSaver
+
+    engine = Engine(lambda e, b: None)
+    saver = LabelledMetricsSaver(save_dir=str(tmp_path), metrics=["val_mean_dice"], metric_details="*",
+                                 batch_transform=lambda x: [{"filename_or_obj": f"case_{i}.nii.gz"} for i in x],
+                                 summary_ops="*", class_labels=["anterior", "posterior"])
+    saver.attach(engine)
+    engine.state.metrics = {"val_mean_dice": 0.75, "other": 1.0}
+    engine.state.metric_details = {"val_mean_dice": torch.tensor([[0.5, 1.0], [0.7, 0.8]]),
+                                   "val_hd95_mm": torch.tensor([[2.0, 3.0], [1.0, 4.0]])}
+    engine.state.batch = [0, 1]
+    saver._started(engine)
+    saver._get_filenames(engine)
+    saver(engine)
+    for name in ("val_mean_dice", "val_hd95_mm"):
+        with open(tmp_path / f"{name}_raw.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["filename", "anterior", "posterior", "mean"]
+        assert rows[1][0] == "case_0.nii.gz"
+        assert [float(v) for v in rows[2][1:]] == ([0.7, 0.8, 0.75] if name == "val_mean_dice" else [1.0, 4.0, 2.5])
+    with open(tmp_path / "metrics.csv") as f:
+        assert dict(csv.reader(f)) == {"val_mean_dice": "0.75"}

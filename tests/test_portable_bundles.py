@@ -148,3 +148,24 @@ def test_bundle_root_is_the_folder_of_the_running_configs(tmp_path, config, work
                               workflow_type=workflow_type)
     workflow.initialize()
     assert workflow.bundle_root == os.path.abspath(copy)  # MONAI's bundle_root property, resolved by the workflow
+
+
+def test_runtime_needs_neither_simpleitk_nor_einops(tmp_path, synthetic_msd):
+    """Only the tests (SimpleITK) and the benchmark's MONAI networks (einops) use them: the package imports, builds
+    every bundle's network and checks training data and DICOM series without them."""
+    code = f"""
+import sys
+sys.modules["SimpleITK"] = None  # any import of it fails
+sys.modules["einops"] = None
+import bundletools, bundletools.data, bundletools.batch, bundletools.qc, networks, transforms
+from monai.bundle import ConfigParser
+for bundle in {sorted(p.parent.name for p in BUNDLES.glob('*/spec.json'))!r}:
+    parser = ConfigParser()
+    parser.read_config({str(BUNDLES)!r} + "/" + bundle + "/configs/inference.json")
+    parser.get_parsed_content("network_def")
+bundletools.data.training_split({str(synthetic_msd)!r}, num_classes=3, in_channels=1)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
