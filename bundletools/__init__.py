@@ -19,6 +19,7 @@ from .metrics import HausdorffDistanceMM
 
 __all__ = [
     "REPO_ROOT",
+    "bundle_root",
     "bundle_path",
     "default_dataset_dir",
     "BatchInference",
@@ -33,25 +34,55 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def bundle_path(name: str) -> str:
-    """Folder of the bundle ``name`` in this checkout (the default ``bundle_root`` of every bundle config).
+def _in_checkout() -> bool:
+    """Whether the package runs from a checkout of this repository (an editable install), not from site-packages."""
+    return (REPO_ROOT / "bundles").is_dir() and (REPO_ROOT / "setup.cfg").is_file()
 
-    Configs cannot see their own location, and ``"."`` would put ``models/`` wherever the command was started,
-    so the default is the bundle folder itself. MONAI Label and users who copy a bundle elsewhere override
-    ``bundle_root``.
+
+def bundle_root() -> str:
+    """The folder of the bundle whose configs are running: the default ``bundle_root`` of every bundle config.
+
+    It is the folder above ``configs/`` of the first config file of the running MONAI bundle workflow
+    (``python -m monai.bundle run ... --config_file <bundle>/configs/train.json``, also under ``torchrun``, or a
+    ``ConfigWorkflow``), the same folder MONAI itself puts on ``sys.path`` for a bundle's ``scripts``. So a bundle
+    folder copied anywhere keeps its ``models/``, ``eval/`` and ``segmentations/`` in the copy. MONAI Label sets
+    ``bundle_root`` itself. Configs cannot see their own file, hence the look at the running workflow; outside
+    one (a bare ``ConfigParser``), set ``bundle_root``.
     """
+    import inspect
+
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        workflow = frame.f_locals.get("self")
+        if isinstance(workflow, ConfigWorkflow) and getattr(workflow, "config_root_path", None) is not None:
+            root = Path(workflow.config_root_path)
+            return os.path.abspath(root.parent if root.name == "configs" else root)
+        frame = frame.f_back
+    raise RuntimeError("bundle_root is not set and no MONAI bundle workflow (python -m monai.bundle run, "
+                       "ConfigWorkflow) is running to take it from: set bundle_root to the bundle's folder")
+
+
+def bundle_path(name: str) -> str:
+    """Folder of the bundle ``name`` in this checkout (``python -m bundletools.infer <name>`` looks bundles up by
+    name here; the configs default to :func:`bundle_root` instead)."""
     path = REPO_ROOT / "bundles" / name
     if not (path / "configs").is_dir():
-        raise FileNotFoundError(f"bundle {name!r} not found at {path}; pass --bundle_root <folder of the bundle>")
+        raise FileNotFoundError(f"bundle {name!r} not found at {path}; pass the folder of the bundle instead")
     return str(path)
 
 
 def default_dataset_dir(task: str) -> str:
-    """Default ``dataset_dir``: the first existing ``<root>/<task>`` among ``$MONAI_DATA_DIRECTORY``,
-    ``<repo>/data`` and ``<repo>/../shared/data``; otherwise ``<repo>/data/<task>``, which the data loader then
-    reports as missing. Pass ``--dataset_dir`` to use any other MSD-layout folder."""
-    roots = [os.environ.get("MONAI_DATA_DIRECTORY"), REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
+    """Default ``dataset_dir``: the first existing ``<root>/<task>`` among ``$MONAI_DATA_DIRECTORY``, ``./data``
+    and, when the package runs from a checkout of this repository, ``<repo>/data`` and ``<repo>/../shared/data``;
+    otherwise ``<first root>/<task>``, which the data loader then reports as missing. Pass ``--dataset_dir`` to use
+    any other MSD-layout folder."""
+    roots = [os.environ.get("MONAI_DATA_DIRECTORY"), Path.cwd() / "data"]
+    if _in_checkout():
+        roots += [REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
+    roots = [Path(r) for r in roots if r]
     for root in roots:
-        if root and (Path(root) / task).is_dir():
-            return str(Path(root) / task)
-    return str(REPO_ROOT / "data" / task)
+        if (root / task).is_dir():
+            return str(root / task)
+    return str(roots[0] / task)

@@ -568,7 +568,8 @@ class BatchInference:
                 pass
         bundle["config_files"] = {printable(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in configs}
         software = {"python": platform.python_version()}
-        for package in ("monai-segmentation-bundles", "torch", "monai", "numpy", "nibabel", "SimpleITK", "itk"):
+        for package in ("monai-segmentation-bundles", "torch", "monai", "numpy", "nibabel", "itk", "highdicom",
+                        "onnxruntime"):
             try:
                 software[package] = metadata.version(package)
             except metadata.PackageNotFoundError:

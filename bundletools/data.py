@@ -18,7 +18,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from .images import (
     DEFAULT_MAX_VOXELS,
@@ -158,7 +157,9 @@ def _load_array(path: str) -> np.ndarray:
     """Voxel data, read in full (so truncated files fail here)."""
     if path.lower().endswith((".nii", ".nii.gz")):
         return np.asanyarray(nib.load(path).dataobj)
-    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+    import itk  # the reader MONAI uses for these formats
+
+    return itk.array_from_image(itk.imread(path))
 
 
 def _geometry_problem(image: ImageHeader, label: ImageHeader) -> str | None:

@@ -4,38 +4,70 @@
 MONAI Label reads one inference file and one training file per bundle, so each bundle must ship complete
 configs; writing them by hand would mean five copies of the same transforms, handlers and workflows drifting
 apart. Instead ``bundletools/templates/`` holds what all bundles share and ``bundles/<name>/spec.json`` says what
-is different about one bundle:
+is different about one bundle, in four kinds of entries:
 
 - ``common``: top-level keys written into both ``train.json`` and ``inference.json`` (``network_def``,
-  ``roi_size``, ...);
-- ``train``, ``inference``, ``evaluate``, ``multi_gpu_train``: overrides of single config ids, written as MONAI
-  ids (``"train#random_transforms#0#spatial_size"``) or new top-level keys;
-- ``metadata``: merged key by key into the metadata template.
+  ``roi_size``, ...); a key the template lacks goes just before ``network_def``.
+- ``train``, ``evaluate``, ``inference``, ``multi_gpu_train``: config ids to set, written the MONAI way
+  (``"epochs"``, ``"validate#inferer#roi_size"``) and applied with MONAI's own :class:`ConfigParser`. A nested id
+  must exist in the template, or be a new argument of a component (a typo is an error); ids never address a list item by position
+  (``"preprocessing#transforms#5"`` is refused): lists grow through extension points.
+- ``extend``: per config file, the items of its named extension points. A template list holds a point as the item
+  ``{"_extension_": "<name>"}``; the generator replaces it with the spec's items, or with nothing. The points are
+  listed in :data:`EXTENSION_POINTS` (e.g. ``before_network_input``: preprocessing after the intensity
+  normalisation, before the final type conversion).
+- ``metadata``: merged into the metadata template: dicts key by key; a top-level list (``references``) is the
+  spec's items followed by the template's items the spec does not have; other values (nested lists such as
+  shapes too) replaced.
 
-``python -m bundletools.generate`` rewrites every bundle's ``configs/``; ``--check`` only reports files that are
-out of date (a test runs it, so a template or spec edit without regeneration fails CI).
+Every generated JSON file starts with a ``_generated_`` key saying where it comes from (MONAI, MONAI Label and
+``monai.bundle`` ignore a key that no workflow refers to); ``logging.conf`` starts with a comment.
+
+``python -m bundletools.generate`` rewrites every bundle's ``configs/``; ``--check`` only compares and prints a
+unified diff of every out-of-date file (a test runs it, so a template or spec edit without regeneration fails).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
 from monai.bundle.utils import ID_SEP_KEY
 
-_LEGACY_SEP = "#"
-
-__all__ = ["render_bundle", "generate", "main"]
+__all__ = ["render_bundle", "generate", "main", "EXTENSION_POINTS", "GENERATED_KEY"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 CONFIG_FILES = ("train", "evaluate", "inference", "multi_gpu_train")
 _COMMON_INTO = ("train", "inference")
 _PLACEHOLDER_NAME = "BUNDLE_NAME"
+_LEGACY_SEP = "#"
+_EXTENSION_KEY = "_extension_"
+GENERATED_KEY = "_generated_"
+
+# extension point -> where it sits; a spec may fill only these (checked against the templates by a test)
+EXTENSION_POINTS = {
+    "train": {
+        "after_orientation": "train#deterministic_transforms, after Orientationd (both image and label)",
+        "before_network_input": "train#deterministic_transforms, after NormalizeIntensityd, before EnsureTyped",
+        "after_spatial_augmentation": "train#random_transforms, after RandFlipd, before the intensity augmentation",
+        "initialize": "initialize, after set_determinism",
+    },
+    "inference": {
+        "after_orientation": "preprocessing, after Orientationd",
+        "before_network_input": "preprocessing, after NormalizeIntensityd, before EnsureTyped",
+    },
+    "multi_gpu_train": {
+        "initialize": "initialize, after the process group and set_determinism",
+    },
+    "evaluate": {},
+}
 
 
 def _load(path: Path) -> Any:
@@ -53,6 +85,29 @@ def _replace_name(obj: Any, name: str) -> Any:
     return obj
 
 
+def _is_extension(item: Any) -> bool:
+    return isinstance(item, dict) and _EXTENSION_KEY in item
+
+
+def _fill_extensions(obj: Any, fill: dict[str, list], used: set[str], where: str) -> Any:
+    """Replace every ``{"_extension_": name}`` list item with ``fill[name]`` (or nothing)."""
+    if isinstance(obj, dict):
+        if _EXTENSION_KEY in obj:
+            raise ValueError(f"{where}: extension point {obj[_EXTENSION_KEY]!r} must be an item of a list")
+        return {k: _fill_extensions(v, fill, used, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        out = []
+        for item in obj:
+            if _is_extension(item):
+                name = item[_EXTENSION_KEY]
+                used.add(name)
+                out.extend(copy.deepcopy(fill.get(name, [])))
+            else:
+                out.append(_fill_extensions(item, fill, used, where))
+        return out
+    return obj
+
+
 def _set_top_level(config: dict, key: str, value: Any) -> dict:
     """Set ``key``; a key the template lacks goes just before ``network_def`` so related settings stay together."""
     if key in config or "network_def" not in config:
@@ -66,29 +121,56 @@ def _set_top_level(config: dict, key: str, value: Any) -> dict:
     return out
 
 
-def _set_id(config: dict, config_id: str, value: Any, where: str) -> dict:
-    parts = config_id.replace(_LEGACY_SEP, ID_SEP_KEY).split(ID_SEP_KEY)
-    if len(parts) == 1:
-        return _set_top_level(config, config_id, value)
-    node: Any = config
-    for depth, part in enumerate(parts[:-1]):
+def _set_ids(config: dict, overrides: dict[str, Any], where: str) -> dict:
+    """Apply ``{id: value}`` with MONAI's ConfigParser; top-level keys keep their place (or go before network_def)."""
+    nested = {}
+    for config_id, value in overrides.items():
+        parts = config_id.replace(_LEGACY_SEP, ID_SEP_KEY).split(ID_SEP_KEY)
+        if any(part.isdigit() for part in parts):
+            raise KeyError(f"{where}: {config_id!r} addresses a list item by its position; fill an extension point "
+                           f"({', '.join(sorted(set().union(*map(set, EXTENSION_POINTS.values()))))}) or set the "
+                           "whole list")
+        if len(parts) == 1:
+            config = _set_top_level(config, config_id, copy.deepcopy(value))
+        else:
+            nested[config_id] = value
+    parser = ConfigParser(config)
+    for config_id, value in nested.items():
+        parent, _, last = config_id.replace(_LEGACY_SEP, ID_SEP_KEY).rpartition(ID_SEP_KEY)
         try:
-            node = node[int(part)] if isinstance(node, list) else node[part]
+            container = parser[parent]
         except (KeyError, IndexError, ValueError) as e:
-            raise KeyError(f"{where}: {config_id!r} does not exist in the template (at {part!r})") from e
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-    return config
+            raise KeyError(f"{where}: {config_id!r} does not exist in the template (no {parent!r})") from e
+        # a new key only as an argument of a component (a misspelt one fails when it is instantiated)
+        if not isinstance(container, dict) or (last not in container and "_target_" not in container):
+            raise KeyError(f"{where}: {config_id!r} does not exist in the template; new keys go at the top level")
+        parser[config_id] = copy.deepcopy(value)
+    return parser.get()
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+def _merge(base: Any, extra: Any, top: bool = True) -> Any:
+    """Metadata merge: dicts key by key; a top-level list (``references``) as ``extra``'s items followed by
+    ``base``'s missing ones; anything else, including nested lists (shapes, value ranges), replaced by ``extra``."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        out = copy.deepcopy(base)
+        for k, v in extra.items():
+            out[k] = _merge(out[k], v, top=False) if k in out else copy.deepcopy(v)
+            if top and isinstance(out[k], list) and isinstance(base.get(k), list) and isinstance(v, list):
+                out[k] = copy.deepcopy(v) + [copy.deepcopy(x) for x in base[k] if x not in v]
+        return out
+    return copy.deepcopy(extra)
+
+
+def _generated_note(name: str, template: str) -> str:
+    return (f"Generated by `python -m bundletools.generate` from bundles/{name}/spec.json and "
+            f"bundletools/templates/{template} of monai-segmentation-bundles. In that repository edit those two and "
+            "regenerate (the generator overwrites edits made here, and a test fails until then); a copy of the "
+            "bundle folder outside it may be edited freely. For one run, override on the command line instead "
+            "(--<key> <value>).")
+
+
+def _dump(config: dict, note: str) -> str:
+    return json.dumps({GENERATED_KEY: note, **config}, indent=4) + "\n"
 
 
 def render_bundle(bundle_dir: Path) -> dict[str, str]:
@@ -96,36 +178,58 @@ def render_bundle(bundle_dir: Path) -> dict[str, str]:
     name = bundle_dir.name
     spec_path = bundle_dir / "spec.json"
     spec = _load(spec_path)
-    unknown = set(spec) - {"common", "metadata", *CONFIG_FILES}
+    unknown = set(spec) - {"common", "metadata", "extend", *CONFIG_FILES}
     if unknown:
         raise KeyError(f"{spec_path}: unknown section(s) {sorted(unknown)}")
+    extend = spec.get("extend", {})
+    for config_name, points in extend.items():
+        known = EXTENSION_POINTS.get(config_name)
+        if known is None:
+            raise KeyError(f"{spec_path} [extend]: no config file {config_name!r}; one of {list(CONFIG_FILES)}")
+        for point, items in points.items():
+            if point not in known:
+                raise KeyError(f"{spec_path} [extend][{config_name}]: no extension point {point!r}; "
+                               f"{config_name}.json has {sorted(known) or 'none'}")
+            if not isinstance(items, list):
+                raise TypeError(f"{spec_path} [extend][{config_name}][{point}]: must be a list of items")
     files: dict[str, str] = {}
     for config_name in CONFIG_FILES:
+        where = f"{spec_path} [{config_name}]"
         config = _replace_name(_load(TEMPLATES / f"{config_name}.json"), name)
+        used: set[str] = set()
+        config = _fill_extensions(config, extend.get(config_name, {}), used, where)
+        missing = used ^ set(EXTENSION_POINTS[config_name])
+        if missing:  # the templates and EXTENSION_POINTS must agree
+            raise RuntimeError(f"templates/{config_name}.json and EXTENSION_POINTS disagree on {sorted(missing)}")
         if config_name in _COMMON_INTO:
             for key, value in spec.get("common", {}).items():
                 config = _set_top_level(config, key, copy.deepcopy(value))
-        for config_id, value in spec.get(config_name, {}).items():
-            config = _set_id(config, config_id, copy.deepcopy(value), f"{spec_path} [{config_name}]")
+        config = _set_ids(config, spec.get(config_name, {}), where)
         if "NETWORK_DEF" in json.dumps(config):
             raise KeyError(f"{spec_path}: 'common' must define network_def")
-        files[f"configs/{config_name}.json"] = json.dumps(config, indent=4) + "\n"
+        files[f"configs/{config_name}.json"] = _dump(config, _generated_note(name, f"{config_name}.json"))
     metadata = _merge(_replace_name(_load(TEMPLATES / "metadata.json"), name), spec.get("metadata", {}))
-    files["configs/metadata.json"] = json.dumps(metadata, indent=4) + "\n"
-    files["configs/logging.conf"] = (TEMPLATES / "logging.conf").read_text()
+    files["configs/metadata.json"] = _dump(metadata, _generated_note(name, "metadata.json"))
+    files["configs/logging.conf"] = (
+        f"# {_generated_note(name, 'logging.conf')}\n" + (TEMPLATES / "logging.conf").read_text()
+    )
     files["LICENSE"] = (TEMPLATES.parents[1] / "LICENSE").read_text()
     return files
 
 
-def generate(bundles_dir: Path = BUNDLES, check: bool = False) -> list[Path]:
-    """Write (or with ``check``, only compare) the generated files; returns the paths that were out of date."""
+def generate(bundles_dir: Path = BUNDLES, check: bool = False) -> list[tuple[Path, str]]:
+    """Write (or with ``check``, only compare) the generated files; returns ``(path, unified diff)`` of every file
+    that was out of date (the diff from the file on disk to the generated text)."""
     stale = []
     for spec in sorted(bundles_dir.glob("*/spec.json")):
         for rel, text in render_bundle(spec.parent).items():
             path = spec.parent / rel
-            if path.is_file() and path.read_text() == text:
+            old = path.read_text() if path.is_file() else ""
+            if old == text:
                 continue
-            stale.append(path)
+            diff = "".join(difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
+                                                fromfile=f"{path} (on disk)", tofile=f"{path} (generated)"))
+            stale.append((path, diff))
             if not check:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
@@ -134,11 +238,18 @@ def generate(bundles_dir: Path = BUNDLES, check: bool = False) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only report out-of-date files (exit 1 if any)")
+    parser.add_argument("--check", action="store_true",
+                        help="only compare: print a diff of every out-of-date file (exit 1 if any)")
     args = parser.parse_args(argv)
     stale = generate(check=args.check)
-    for path in stale:
-        print(f"{'out of date' if args.check else 'wrote'}: {path}")
+    for path, diff in stale:
+        if args.check:
+            print(f"out of date: {path}")
+            print(diff)
+        else:
+            print(f"wrote: {path}")
+    if args.check and stale:
+        print(f"{len(stale)} file(s) out of date: run `python -m bundletools.generate`")
     return 1 if (args.check and stale) else 0
 
 

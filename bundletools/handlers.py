@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +18,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
-from monai.handlers import metrics_saver as metrics_saver_module
 
-__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "atomic_torch_save",
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "IterationProgress", "atomic_torch_save",
            "datalist_fingerprint"]
 
 
@@ -190,7 +190,9 @@ class LabelledMetricsSaver(MetricsSaver):
 
     MONAI's saver names the columns ``class0``, ``class1``, ... counted from the first channel that was scored,
     which reads as "background" for what is really label 1 when the background is excluded. ``class_labels``
-    gives the names in channel order (e.g. ``["anterior", "posterior"]``).
+    gives the names in channel order (e.g. ``["anterior", "posterior"]``). The call gathers what MONAI's does
+    (file names from every rank, the selected metrics and details) and hands the names to MONAI's
+    ``write_metrics_reports``, one metric at a time (it extends its label list once per metric it writes).
     """
 
     def __init__(self, *args: Any, class_labels: Sequence[str] | None = None, **kwargs: Any) -> None:
@@ -200,19 +202,26 @@ class LabelledMetricsSaver(MetricsSaver):
     def __call__(self, engine: Engine) -> None:
         if self.class_labels is None:
             return super().__call__(engine)
-        original = metrics_saver_module.write_metrics_reports
+        import ignite.distributed as idist
+        from monai.handlers.utils import write_metrics_reports
+        from monai.utils import string_list_all_gather
 
-        def write_per_metric(metrics: Any = None, metric_details: Any = None, **kwargs: Any) -> None:
-            # one call per metric: MONAI's writer extends its label list once per metric it writes
-            original(metrics=metrics, metric_details=None, **kwargs)
-            for name, values in (metric_details or {}).items():
-                original(metrics=None, metric_details={name: values}, class_labels=list(self.class_labels), **kwargs)
-
-        metrics_saver_module.write_metrics_reports = write_per_metric
-        try:
-            super().__call__(engine)
-        finally:
-            metrics_saver_module.write_metrics_reports = original
+        world_size = idist.get_world_size()
+        if self.save_rank >= world_size:
+            raise ValueError("target save rank is greater than the distributed group size.")
+        images = string_list_all_gather(strings=self._filenames) if world_size > 1 else self._filenames
+        if idist.get_rank() != self.save_rank:
+            return
+        selected = lambda names, key: names is not None and (key in names or "*" in names)  # noqa: E731
+        metrics = {k: v for k, v in engine.state.metrics.items() if selected(self.metrics, k)}
+        details = {k: v for k, v in getattr(engine.state, "metric_details", {}).items()
+                   if selected(self.metric_details, k)}
+        common = dict(save_dir=self.save_dir, images=images or None, summary_ops=self.summary_ops, deli=self.deli,
+                      output_type=self.output_type)
+        write_metrics_reports(metrics=metrics, metric_details=None, **common)
+        for name, values in details.items():
+            write_metrics_reports(metrics=None, metric_details={name: values}, class_labels=list(self.class_labels),
+                                  **common)
 
 
 class TimeBudget:
@@ -238,3 +247,62 @@ class TimeBudget:
         if time.perf_counter() - self._t0 > self.seconds:
             self.logger.info(f"Time budget of {self.seconds:.0f} s used up in epoch {engine.state.epoch}: stopping.")
             engine.terminate()
+
+
+class IterationProgress:
+    """Progress inside an epoch, the ignite/MONAI way: ignite's ``ProgressBar`` (tqdm: iterations done, rate, time
+    left, loss) when the output is a terminal, otherwise MONAI's ``StatsHandler`` iteration line
+    (``Epoch: 1/20, Iter: 10/84 -- train_loss: 0.5123``) every ``every`` iterations, for logs, CI and MONAI Label.
+
+    Rank 0 only under DDP (the other ranks would repeat it).
+
+    Args:
+        every: iterations between two log lines; ``None``: about ten lines per epoch (``epoch_length // 10``).
+        bar: ``True``/``False`` forces the bar or the lines; ``None`` picks the bar when stderr is a terminal.
+        output_transform: engine output -> the loss to show.
+        tag_name: name of the value in the lines and on the bar.
+    """
+
+    def __init__(
+        self,
+        every: int | None = None,
+        bar: bool | None = None,
+        output_transform: Any = None,
+        tag_name: str = "train_loss",
+    ) -> None:
+        from monai.handlers import from_engine
+
+        if every is not None and every < 1:
+            raise ValueError(f"every must be a positive number of iterations, got {every}")
+        self.every = every
+        self.bar = bar
+        self.output_transform = output_transform or from_engine(["loss"], first=True)
+        self.tag_name = tag_name
+
+    def _loss(self, output: Any) -> Any:
+        value = self.output_transform(output)
+        value = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+        return value.item() if isinstance(value, torch.Tensor) else value
+
+    def _due(self, engine: Engine, iteration: int) -> bool:
+        length = engine.state.epoch_length or 1
+        every = self.every or max(1, length // 10)
+        return ((iteration - 1) % length + 1) % every == 0
+
+    def attach(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        bar = self.bar if self.bar is not None else sys.stderr.isatty()
+        if bar:
+            try:
+                from ignite.handlers import ProgressBar
+            except ImportError:  # ignite < 0.5
+                from ignite.contrib.handlers import ProgressBar
+
+            ProgressBar(persist=False).attach(engine, output_transform=lambda out: {self.tag_name: self._loss(out)})
+        else:
+            from monai.handlers import StatsHandler
+
+            # MONAI's own logger and line format, as the per-epoch lines
+            StatsHandler(iteration_log=self._due, epoch_log=False, output_transform=self._loss,
+                         tag_name=self.tag_name).attach(engine)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 __all__ = [
     "DatasetError",
@@ -125,7 +124,7 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
 
 
 def _itk_readable_name(path: str | os.PathLike) -> None:
-    """ITK takes UTF-8 file names only (SimpleITK aborts the process on others): refuse them first."""
+    """ITK takes UTF-8 file names only (its Python wrapping fails on others, or aborts): refuse them first."""
     try:
         os.fsencode(path).decode("utf-8")
         return
@@ -135,15 +134,35 @@ def _itk_readable_name(path: str | os.PathLike) -> None:
                        "rename it")
 
 
-def _slice_reader(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")  # also for slices without the preamble, which the IO factory does not claim
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader
+class _Header:
+    """Size, spacing, origin and direction (row-major, as ITK's matrix) of an image file, read by one of ITK's
+    ImageIOs without its voxels."""
+
+    def __init__(self, path: str, io=None) -> None:
+        import itk  # the reader MONAI uses for these formats; imported on first use (it takes seconds)
+
+        if io is None:
+            io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+            if io is None:
+                raise DatasetError(f"{path}: not an image ITK can read")
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        dims = io.GetNumberOfDimensions()
+        self.size = tuple(int(io.GetDimensions(i)) for i in range(dims))
+        self.spacing = tuple(float(io.GetSpacing(i)) for i in range(dims))
+        self.origin = tuple(float(io.GetOrigin(i)) for i in range(dims))
+        # ITK gives the direction of each axis (a column of the matrix)
+        self.direction = np.array([list(io.GetDirection(i))[:dims] for i in range(dims)], dtype=np.float64).T.ravel()
+        self.components = int(io.GetNumberOfComponents())
 
 
-def _sitk_affine(size, spacing, origin, direction) -> np.ndarray:
+def _slice_header(path: str) -> _Header:
+    import itk
+
+    return _Header(path, itk.GDCMImageIO.New())  # also for slices without the preamble, which the IO factory skips
+
+
+def _itk_affine(size, spacing, origin, direction) -> np.ndarray:
     """RAS affine of an ITK (LPS) geometry, padded to 3D."""
     dims = len(size)
     d = np.eye(3)
@@ -170,28 +189,34 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
             or repeated slice positions, file names ITK cannot open).
     """
     _itk_readable_name(folder)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(False)  # one series per SeriesInstanceUID
+    names.SetGlobalWarningDisplay(False)
+    names.SetDirectory(str(folder))
+    series = list(names.GetSeriesUIDs())
     if len(series) != 1:
         found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
         raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = list(names.GetFileNames(series[0]))
     for f in files:
         _itk_readable_name(f)
     dicom = [e for e in os.scandir(folder) if not e.name.startswith(".") and is_dicom_file(e.path)]
     if len(dicom) != len(files):
         raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
                            "slices of the series (truncated or damaged?)")
-    first = _slice_reader(files[0])
-    size = first.GetSize()
-    affine = _sitk_affine(size, first.GetSpacing(), first.GetOrigin(), first.GetDirection())
+    first = _slice_header(files[0])
+    size = first.size
+    affine = _itk_affine(size, first.spacing, first.origin, first.direction)
     header = ImageHeader((*size[:2], len(files)), affine)
     if len(files) < 2:
         return header
     positions = []
     for f in files:
-        reader = _slice_reader(f)
-        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(reader.GetOrigin(), normal)))
+        header = _slice_header(f)
+        normal = header.direction.reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(header.origin, normal)))
     gaps = np.diff(np.sort(positions))
     if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
         raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
@@ -268,14 +293,12 @@ def _nifti_header(path: str) -> ImageHeader:
 
 
 def _itk_header(path: str) -> ImageHeader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    size = reader.GetSize()
-    components = reader.GetNumberOfComponents()
-    affine = _sitk_affine(size[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3],
-                          np.array(reader.GetDirection()).reshape(len(size), len(size))[:3, :3].ravel())
-    return ImageHeader(tuple(size) + ((components,) if components > 1 else ()), affine, min(3, len(size)))
+    header = _Header(path)
+    size, dims = header.size, len(header.size)
+    affine = _itk_affine(size[:3], header.spacing[:3], header.origin[:3],
+                         header.direction.reshape(dims, dims)[:3, :3].ravel())
+    components = header.components
+    return ImageHeader(tuple(size) + ((components,) if components > 1 else ()), affine, min(3, dims))
 
 
 def _check_geometry(path: str, header: ImageHeader) -> None:

@@ -7,7 +7,7 @@
 #   gets torch and torchvision from PyPI as a matching pair (the CUDA build of torch; it runs on CPUs too).
 # - pydicom<3 (pydicom 3 breaks pydicom-seg's import), and the dicomweb-client and pynetdicom releases that go
 #   with it.
-# monai itself comes from this project's pin (monai>=1.5.2,<1.6; see the README for MONAI 1.6).
+# monai itself is the newest release this project allows (monai>=1.5.2,<1.7: 1.6.x), as monailabel 0.8.5 brings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -96,6 +96,8 @@ def test_training_writes_best_model_per_epoch_logs_and_tensorboard(bundle, train
     bundle_network(bundle).load_state_dict(state_dict)  # strict: every key and shape fits network_def
     assert all(t.device.type == "cpu" for t in state_dict.values())
     for epoch in (1, 2):
+        # progress inside the epoch (no terminal here: MONAI's iteration lines), then the epoch's metrics
+        assert re.search(rf"Epoch: {epoch}/2, Iter: 1/\d+ -- train_loss: \d", output)
         assert re.search(rf"Epoch\[{epoch}\] Metrics -- train_loss: \d", output)
         assert re.search(rf"Epoch\[{epoch}\] Metrics -- val_mean_dice: \d", output)
     assert list((root / "eval").glob("events.out.tfevents.*")), "no TensorBoard logs under output_dir"

@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import logging
+import re
+import sys
 
+import pytest
 import torch
 from ignite.engine import Engine
 
-from bundletools.handlers import ResumableCheckpoint, datalist_fingerprint
+from bundletools.handlers import IterationProgress, ResumableCheckpoint, datalist_fingerprint
 
 CASES = [{"image": f"/data/imagesTr/case_{i}.nii.gz", "label": f"/data/labelsTr/case_{i}.nii.gz"} for i in range(4)]
 
@@ -80,3 +83,88 @@ def test_start_removes_half_written_checkpoints_of_a_killed_run_and_resumes(tmp_
     assert trainer.state.epoch == 3
     assert not any(path.exists() for path in stale)
     assert other.exists()
+
+
+def _toy_trainer(iterations: int, epochs: int = 1):
+    """A trainer whose output is a decollated batch with a decreasing loss, as MONAI's SupervisedTrainer's."""
+    from ignite.engine import Engine
+
+    losses = iter(torch.linspace(1.0, 0.1, iterations * epochs))  # one per iteration of the run
+
+    def step(engine, batch):
+        return [{"loss": next(losses)}]
+
+    engine = Engine(step)
+    return engine, list(range(iterations))
+
+
+@pytest.fixture
+def monai_log(caplog):
+    """Records of MONAI's StatsHandler logger (it does not propagate to the root logger)."""
+    logger = logging.getLogger("monai.handlers.StatsHandler")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_iteration_progress_logs_every_n_iterations_without_a_terminal(monai_log):
+    caplog = monai_log
+    engine, data = _toy_trainer(20)
+    IterationProgress(every=5, bar=False).attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run(data, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if "Iter:" in r.getMessage()]
+    assert [line.split(" --")[0] for line in lines] == [f"Epoch: 1/1, Iter: {i}/20" for i in (5, 10, 15, 20)]
+    assert re.fullmatch(r"Epoch: 1/1, Iter: 5/20 -- train_loss: 0\.\d+ ", lines[0])
+
+
+def test_iteration_progress_default_is_about_ten_lines_per_epoch(monai_log):
+    caplog = monai_log
+    engine, data = _toy_trainer(35, epochs=2)
+    IterationProgress(bar=False).attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run(data, max_epochs=2)
+    lines = [r.getMessage() for r in caplog.records if "Iter:" in r.getMessage()]
+    assert len(lines) == 2 * 11  # every 3rd of 35 iterations
+    assert lines[11].startswith("Epoch: 2/2, Iter: 3/35")
+
+
+def test_iteration_progress_shows_a_bar_on_a_terminal(monkeypatch, capsys, monai_log):
+    caplog = monai_log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    engine, data = _toy_trainer(8)
+    IterationProgress().attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run(data, max_epochs=1)
+    err = capsys.readouterr().err
+    assert re.search(r"Iteration: \[\d/8\]", err) and "train_loss=0.1" in err  # ignite/tqdm bar, with the loss
+    assert not [r for r in caplog.records if "Iter:" in r.getMessage()]
+    with pytest.raises(ValueError, match="every must be a positive number"):
+        IterationProgress(every=0)
+
+
+def test_labelled_metrics_saver_names_the_class_columns(tmp_path):
+    import csv
+
+    from bundletools.handlers import LabelledMetricsSaver
+
+    engine = Engine(lambda e, b: None)
+    saver = LabelledMetricsSaver(save_dir=str(tmp_path), metrics=["val_mean_dice"], metric_details="*",
+                                 batch_transform=lambda x: [{"filename_or_obj": f"case_{i}.nii.gz"} for i in x],
+                                 summary_ops="*", class_labels=["anterior", "posterior"])
+    saver.attach(engine)
+    engine.state.metrics = {"val_mean_dice": 0.75, "other": 1.0}
+    engine.state.metric_details = {"val_mean_dice": torch.tensor([[0.5, 1.0], [0.7, 0.8]]),
+                                   "val_hd95_mm": torch.tensor([[2.0, 3.0], [1.0, 4.0]])}
+    engine.state.batch = [0, 1]
+    saver._started(engine)
+    saver._get_filenames(engine)
+    saver(engine)
+    for name in ("val_mean_dice", "val_hd95_mm"):
+        with open(tmp_path / f"{name}_raw.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["filename", "anterior", "posterior", "mean"]
+        assert rows[1][0] == "case_0.nii.gz"
+        assert [float(v) for v in rows[2][1:]] == ([0.7, 0.8, 0.75] if name == "val_mean_dice" else [1.0, 4.0, 2.5])
+    with open(tmp_path / "metrics.csv") as f:
+        assert dict(csv.reader(f)) == {"val_mean_dice": "0.75"}

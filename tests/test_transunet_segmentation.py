@@ -106,7 +106,8 @@ def test_pretrained_npz_is_loaded_under_ddp_and_skipped_by_evaluation():
     load_line = train["initialize"][-1]
     assert "load_from_npz(@pretrained_npz)" in load_line
     multi = ConfigParser.load_config_files([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
-    template = json.loads((TEMPLATES / "multi_gpu_train.json").read_text())["initialize"]
+    template = [i for i in json.loads((TEMPLATES / "multi_gpu_train.json").read_text())["initialize"]
+                if isinstance(i, str)]  # without the extension point
     assert multi["initialize"] == [*template, load_line]
     evaluate = ConfigParser.load_config_files([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
     assert evaluate["pretrained_npz"] is None
