@@ -214,9 +214,9 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
         return header
     positions = []
     for f in files:
-        header = _slice_header(f)
-        normal = header.direction.reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(header.origin, normal)))
+        slice_header = _slice_header(f)
+        normal = slice_header.direction.reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(slice_header.origin, normal)))
     gaps = np.diff(np.sort(positions))
     if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
         raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
