@@ -19,8 +19,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
 
-__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "IterationProgress", "atomic_torch_save",
-           "datalist_fingerprint"]
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "PolyLR", "IterationProgress",
+           "atomic_torch_save", "datalist_fingerprint"]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -247,6 +247,50 @@ class TimeBudget:
         if time.perf_counter() - self._t0 > self.seconds:
             self.logger.info(f"Time budget of {self.seconds:.0f} s used up in epoch {engine.state.epoch}: stopping.")
             engine.terminate()
+
+
+class PolyLR:
+    """Learning rate fitted to the run's budget: a linear warm-up, then nnU-Net's polynomial decay to zero.
+
+    ``lr = base_lr * min(1, progress / warmup) * (1 - progress) ** power``, set before every iteration, where
+    ``progress`` is the share of the budget used so far: the iterations done of ``max_epochs`` epochs, or, under a
+    wall-clock budget (``time_budget_s``, as :class:`TimeBudget`), the share of that time if it is larger. So the
+    schedule ends at zero when the run ends, whichever budget ends it, and a resumed run continues where the
+    schedule stopped (the iteration count is restored with the trainer's state). ``base_lr`` is each parameter
+    group's learning rate when the handler is created.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, time_budget_s: float | None = None,
+                 warmup: float = 0.02, power: float = 0.9) -> None:
+        if not 0 <= warmup < 1:
+            raise ValueError(f"warmup must be a share of the budget in [0, 1), got {warmup}")
+        self.optimizer, self.time_budget_s, self.warmup, self.power = optimizer, time_budget_s, warmup, power
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._t0 = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._set_lr)
+
+    def _start(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+
+    def progress(self, engine: Engine) -> float:
+        """The share of the budget used by the end of the current iteration, in [0, 1]."""
+        state = engine.state
+        done = state.iteration / max(1, state.max_epochs * state.epoch_length)
+        if self.time_budget_s and self._t0 is not None:
+            done = max(done, (time.perf_counter() - self._t0) / self.time_budget_s)
+        return min(1.0, max(0.0, done))
+
+    def factor(self, progress: float) -> float:
+        warm = min(1.0, progress / self.warmup) if self.warmup > 0 else 1.0
+        return warm * (1.0 - progress) ** self.power
+
+    def _set_lr(self, engine: Engine) -> None:
+        factor = self.factor(self.progress(engine))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
 
 class IterationProgress:

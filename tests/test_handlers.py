@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
 import pytest
 import torch
 from ignite.engine import Engine
 
-from bundletools.handlers import IterationProgress, ResumableCheckpoint, datalist_fingerprint
+from bundletools.handlers import IterationProgress, PolyLR, ResumableCheckpoint, datalist_fingerprint
 
 CASES = [{"image": f"/data/imagesTr/case_{i}.nii.gz", "label": f"/data/labelsTr/case_{i}.nii.gz"} for i in range(4)]
 
@@ -168,3 +169,44 @@ def test_labelled_metrics_saver_names_the_class_columns(tmp_path):
         assert [float(v) for v in rows[2][1:]] == ([0.7, 0.8, 0.75] if name == "val_mean_dice" else [1.0, 4.0, 2.5])
     with open(tmp_path / "metrics.csv") as f:
         assert dict(csv.reader(f)) == {"val_mean_dice": "0.75"}
+
+
+def _lr_trace(schedule_kwargs, epochs=5, epoch_length=10, base_lr=0.5, sleep=0.0):
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr)
+    lrs = []
+
+    def step(engine, batch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if sleep:
+            time.sleep(sleep)
+
+    trainer = Engine(step)
+    PolyLR(optimizer, **schedule_kwargs).attach(trainer)
+    trainer.run(range(epoch_length), max_epochs=epochs)
+    return lrs
+
+
+def test_poly_lr_warms_up_then_decays_to_zero_over_the_epochs():
+    lrs = _lr_trace({"warmup": 0.1}, epochs=5, epoch_length=10, base_lr=0.5)
+    assert len(lrs) == 50
+    assert lrs[0] == pytest.approx(0.5 * 0.2 * (1 - 1 / 50) ** 0.9)  # first of 5 warm-up iterations
+    assert lrs[4] == pytest.approx(0.5 * (1 - 5 / 50) ** 0.9)  # warm-up done
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))
+    assert all(a > b for a, b in zip(lrs[4:-1], lrs[5:]))
+    assert lrs[-1] == 0.0
+    assert lrs[25] == pytest.approx(0.5 * (1 - 26 / 50) ** 0.9)
+
+
+def test_poly_lr_follows_a_wall_clock_budget_when_it_ends_first():
+    # 40 iterations of at least 5 ms take at least 0.2 s, twice the budget: the schedule follows the clock, which
+    # reaches zero by the 20th iteration, while the epoch count alone would still be at half the rate
+    lrs = _lr_trace({"warmup": 0.0, "time_budget_s": 0.1}, epochs=2, epoch_length=20, base_lr=1.0, sleep=0.005)
+    by_epochs = [(1 - (i + 1) / 40) ** 0.9 for i in range(40)]
+    assert all(a <= b + 1e-9 for a, b in zip(lrs, by_epochs))
+    assert lrs[21:] == [0.0] * 19 and by_epochs[20] > 0.4
+
+
+def test_poly_lr_refuses_a_warmup_outside_the_budget():
+    with pytest.raises(ValueError, match="warmup"):
+        PolyLR(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), warmup=1.5)
