@@ -16,13 +16,13 @@ MINUTES=${1:-15}
 
 # 1. paper configuration: DNet's defaults, the paper's 16 output classes of the official code's count test
 for ckpt in false true; do
-    "$PYTHON" benchmarks/speed.py networks.DNet "{\"in_channels\": 1, \"out_channels\": 16, \"use_checkpointing\": $ckpt}" \
+    "$PYTHON" benchmarks/speed.py networks.DNet "{\"spatial_dims\": 3, \"in_channels\": 1, \"out_channels\": 16, \"use_checkpointing\": $ckpt}" \
         --shapes 1,1,64,64,64 1,1,96,96,96 --repeats 1
 done
 
 # 2. the bundle's default network_def (bundles/dnet_segmentation/spec.json), one training batch
-"$PYTHON" benchmarks/speed.py networks.DNet '{"in_channels": 1, "out_channels": 3,
-    "feature_sizes": [16, 32, 64, 128, 256], "drop_path_rate": 0.1}' --shapes 2,1,32,64,32 --repeats 2
+"$PYTHON" benchmarks/speed.py networks.DNet '{"spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+    "channels": [16, 32, 64, 128, 256], "drop_path_rate": 0.1}' --shapes 2,1,32,64,32 --repeats 2
 
 # 3. fixed-budget training with the bundle's defaults (options before the bundle name, overrides after --)
 if [[ -z "${SKIP_TRAIN:-}" ]]; then

@@ -4,7 +4,7 @@
 Each input size runs in a fresh process, so its peak resident memory (``ru_maxrss``) belongs to that size alone;
 "activation memory" is the peak minus the resident memory after the model was built.
 
-    python benchmarks/speed.py networks.DNet '{"in_channels": 1, "out_channels": 16}' --shapes 1,1,64,64,64 1,1,96,96,96
+    python benchmarks/speed.py networks.DNet '{"spatial_dims": 3, "in_channels": 1, "out_channels": 16}' --shapes 1,1,64,64,64 1,1,96,96,96
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def network_table(net_args: dict, shape: list[int], threads: int, rounds: int) -
 
 
 def params_flops_table(net_args: dict, shape: list[int]) -> None:
-    print(f"\n## UKAN{tuple(net_args['embed_dims'])} 3D, parameters and GFLOPs (one forward of {shape}; "
+    print(f"\n## UKAN{tuple(net_args['channels'])} 3D, parameters and GFLOPs (one forward of {shape}; "
           "matmuls and convs, B-spline bases not counted)")
     print(f"{'variant':<14} {'params':>12} {'KAN params':>11} {'GFLOPs':>8}")
     for name, options in VARIANTS.items():

@@ -4,24 +4,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from monai.networks.layers.factories import Act, Conv, Pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ChannelLayerNorm", "DepthwiseConvMlp", "DLK", "DLKAttention", "DLKBlock"]
+from networks.blocks.common import ChannelLayerNorm
 
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a channels-first tensor (B, C, *spatial)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__(channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)
+__all__ = ["DepthwiseConvMlp", "DLK", "DLKAttention", "DLKBlock"]
 
 
 class DepthwiseConvMlp(nn.Sequential):

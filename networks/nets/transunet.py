@@ -115,7 +115,9 @@ class TransUNet(nn.Module):
             official code; 0.0 in the official configuration.
         dropout: dropout before the segmentation head, e.g. for Monte-Carlo sampling; 0.0 by default.
 
-    Input ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by 16; output ``(B, out_channels, H, W)`` logits.
+    Input ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by 16 (the ``size_divisor`` attribute,
+    ``(16, 16)``); output ``(B, out_channels, H, W)`` logits. TransUNet is 2D (``spatial_dims`` attribute 2), so it
+    takes no ``spatial_dims`` argument; run it slice by slice on volumes (MONAI ``SliceInferer``).
 
     TorchScript: ``torch.jit.script`` works; inside scripted code a bad input size raises ``torch.jit.Error``
     whose message starts with ``ValueError``.
@@ -159,7 +161,8 @@ class TransUNet(nn.Module):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}.")
         self.n_skip = n_skip
-        self.encoder_stride = ENCODER_STRIDE
+        self.spatial_dims = 2
+        self.size_divisor = (ENCODER_STRIDE, ENCODER_STRIDE)
 
         self.resnet = ResNetV2(2, in_channels, resnet_block_units, resnet_width_factor)
         self.patch_embedding = Conv[Conv.CONV, 2](self.resnet.out_channels[-1], hidden_size, kernel_size=1)
@@ -183,9 +186,9 @@ class TransUNet(nn.Module):
         self.head = Conv[Conv.CONV, 2](decoder_channels[-1], out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self.encoder_stride
-        if x.dim() != 4 or x.shape[2] % stride != 0 or x.shape[3] % stride != 0:
-            raise ValueError(f"TransUNet expects input (B, C, H, W) with H and W divisible by {stride}, got {x.shape}.")
+        h, w = self.size_divisor
+        if x.dim() != 4 or x.shape[2] % h != 0 or x.shape[3] % w != 0:
+            raise ValueError(f"TransUNet expects input (B, C, H, W) with H divisible by {h} and W by {w}, got {x.shape}.")
         features = self.resnet(x)
         grid = self.patch_embedding(features[-1])
         tokens = self.transformer(self.embedding_dropout(self.position_embedding(grid)))
