@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Act, Norm
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from networks.blocks.common import ChannelLayerNorm, ConvBlock
 from networks.blocks.dff import DFF
 from networks.blocks.dlk import DepthwiseConvMlp, DLKBlock
+from networks.blocks.fast import fast_conv_transpose_type, fast_conv_type, to_channels_last
 
 __all__ = ["DNet", "SalienceLayer"]
 
@@ -25,7 +26,7 @@ class SalienceLayer(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: int, shared_norm: bool = False) -> None:
         super().__init__()
-        self.embed = Conv[Conv.CONV, spatial_dims](in_channels, channels, kernel_size=3, padding=1)
+        self.embed = fast_conv_type(spatial_dims)(in_channels, channels, kernel_size=3, padding=1)
         self.embed_norm = Norm[Norm.BATCH, spatial_dims](channels)
         self.act = Act[Act.LEAKYRELU](negative_slope=0.2)
         # None: the mixer reuses the embedding's BatchNorm, as the official code does.
@@ -124,8 +125,8 @@ class DNet(nn.Module):
         self.deep_supervision = deep_supervision
         self.size_divisor = (SIZE_DIVISOR,) * spatial_dims
         widths = tuple(channels)
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        up_conv_type = Conv[Conv.CONVTRANS, spatial_dims]
+        conv_type = fast_conv_type(spatial_dims)
+        up_conv_type = fast_conv_transpose_type(spatial_dims)
 
         def dlk_stage(channels: int, rates: Sequence[float]) -> nn.Sequential:
             return nn.Sequential(
@@ -198,6 +199,8 @@ class DNet(nn.Module):
         if not torch.jit.is_tracing():
             self._check_input(x)
         with_heads = self.deep_supervision and self.training
+        if not torch.jit.is_scripting():
+            x = to_channels_last(x)  # the layout the CPU kernels are fastest in; see networks.blocks.fast
 
         salience = self.salience(x)
         skips: list[torch.Tensor] = []
@@ -212,10 +215,10 @@ class DNet(nn.Module):
         ):
             x = stage(fusion(norm(up(x)), skips.pop()))
             if with_heads:
-                outputs.append(head(self.dropout(x)))
+                outputs.append(head(self.dropout(x)).contiguous())
 
         x = self.final_block(self.final_fusion(self.final_upsample(x), salience))
-        x = self.output(self.dropout(x))
+        x = self.output(self.dropout(x)).contiguous()
         if with_heads:
             outputs.append(x)
             outputs.reverse()

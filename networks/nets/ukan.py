@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath, trunc_normal_
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from networks.blocks.common import ChannelLayerNorm, ConvBlock
+from networks.blocks.fast import fast_conv_type, to_channels_last
 from networks.blocks.kan import KANConv, KANLinear
 
 __all__ = ["KANBlock", "TokenShift", "UKAN", "ukan_param_groups"]
@@ -92,7 +93,7 @@ class DepthwiseConvNormAct(nn.Sequential):
                 spline_order=spline_order,
             )
         else:
-            conv = Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, groups=channels)
+            conv = fast_conv_type(spatial_dims)(channels, channels, kernel_size=3, padding=1, groups=channels)
             _init_conv_fan_out(conv)
         super().__init__(conv, get_norm_layer(norm, spatial_dims, channels), get_act_layer(act))
 
@@ -199,7 +200,7 @@ class TokenizedKANStage(nn.Sequential):
     ) -> None:
         layers: list[nn.Module] = []
         if in_channels is not None:
-            embed = Conv[Conv.CONV, spatial_dims](in_channels, channels, kernel_size=3, stride=2, padding=1)
+            embed = fast_conv_type(spatial_dims)(in_channels, channels, kernel_size=3, stride=2, padding=1)
             _init_conv_fan_out(embed)
             layers += [embed, ChannelLayerNorm(channels, eps=LAYER_NORM_EPS)]
         layers += [KANBlock(spatial_dims, channels, drop_path=rate, **block_args) for rate in drop_paths]
@@ -333,13 +334,15 @@ class UKAN(nn.Module):
         self.decoder4 = ConvBlock(spatial_dims, e0 // 4, e0 // 8, mid_channels=e0 // 4, norm=norm, act=act)
         self.decoder5 = ConvBlock(spatial_dims, e0 // 8, e0 // 8, norm=norm, act=act)
         self.dropout = nn.Dropout(dropout)
-        self.head = Conv[Conv.CONV, spatial_dims](e0 // 8, out_channels, kernel_size=1)
+        self.head = fast_conv_type(spatial_dims)(e0 // 8, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         divisors = [d for d in self.size_divisor]  # a list: TorchScript cannot zip or index a tuple attribute
         for size, divisor in zip(x.shape[2:], divisors):
             if size % divisor != 0:
                 raise ValueError(f"spatial sizes must be divisible by {divisor}, got {x.shape[2:]}.")
+        if not torch.jit.is_scripting():
+            x = to_channels_last(x)  # the layout the CPU kernels are fastest in; see networks.blocks.fast
         t1 = self.pool(self.encoder1(x))
         t2 = self.pool(self.encoder2(t1))
         t3 = self.pool(self.encoder3(t2))
@@ -351,7 +354,7 @@ class UKAN(nn.Module):
         x = self.upsample(self.decoder3(x)) + t2
         x = self.upsample(self.decoder4(x)) + t1
         x = self.upsample(self.decoder5(x))
-        return self.head(self.dropout(x))
+        return self.head(self.dropout(x)).contiguous()
 
     def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
         """Sum of the KANLinear spline regularisers (zero without KAN layers); the paper does not use it."""

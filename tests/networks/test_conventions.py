@@ -60,7 +60,9 @@ def test_size_divisor_pads_any_input(network, kwargs, shape, divisor):
 def test_monai_argument_names(network):
     """``spatial_dims`` (where the network has a choice) first, then in_channels, out_channels; one width name."""
     names = list(inspect.signature(network).parameters)
-    start = ["spatial_dims", "in_channels", "out_channels"] if "spatial_dims" in names else ["in_channels", "out_channels"]
+    start = ["in_channels", "out_channels"]
+    if "spatial_dims" in names:
+        start.insert(0, "spatial_dims")
     assert names[: len(start)] == start
     widths = {"channels", "feature_sizes", "embed_dims", "features"} & set(names)
     assert widths <= {"channels"}

@@ -27,7 +27,8 @@ SHAPE_CASES = [
     for options in OPTION_COMBOS
 ]
 
-# Official U-KAN, embed_dims (our channels) (128, 160, 256), in 3 / out 1: 6,356,689 parameters, 3,993,600 of them in KANLinear.
+# Official U-KAN, embed_dims (here channels) (128, 160, 256), in 3 / out 1: 6,356,689 parameters, 3,993,600 of them in
+# KANLinear.
 PARAM_COUNT_CASES = [
     [{}, 6_356_689, 3_993_600],  # the required 6,356,689 +- 1%: asserted exactly
     [{"token_shift": True}, 6_356_689, 3_993_600],
