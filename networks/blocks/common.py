@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from networks.blocks.fast import as_fast_conv
+
 __all__ = ["ChannelLayerNorm", "ConvBlock"]
 
 
@@ -32,7 +34,7 @@ class ConvBlock(nn.Sequential):
     Two (conv + norm + act) layers, ``in_channels -> mid_channels -> out_channels``, "same" padding: the double
     convolution of U-Net-like encoders and decoders (U-KAN's ``ConvLayer``/``D_ConvLayer``, D-Net's ``Convblock``,
     the CSAM host U-Net's ``ConvBlock``). Each layer is a MONAI :class:`~monai.networks.blocks.Convolution`
-    (conv, then norm, then act).
+    (conv, then norm, then act), its convolution with the fast CPU paths of :mod:`networks.blocks.fast`.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -61,3 +63,5 @@ class ConvBlock(nn.Sequential):
         super().__init__(
             Convolution(spatial_dims, in_channels, mid, **args), Convolution(spatial_dims, mid, out_channels, **args)
         )
+        for layer in self:
+            as_fast_conv(layer.conv)

@@ -10,13 +10,17 @@ the table for some layer types; measured with torch 2.13 on an AVX-512 CPU:
   as one grouped convolution of the input with the output gradient (and the input gradient as a convolution of
   the output gradient with the flipped kernel) is faster again;
 - 1x1 convolutions on channels-last tensors: a matrix product over the channel axis beats the convolution kernels;
-- 2x2 stride-2 transposed convolutions: a matrix product and a reshape.
+- 2x2 stride-2 transposed convolutions: a matrix product and a reshape;
+- stride-1 "same" convolutions whose (dilated) kernel reaches beyond a small input, like D-Net's 7-kernel with
+  dilation 3 at its deepest levels: the taps that only ever see zero padding are cut from the kernel.
 
 :class:`FastConv2d`/:class:`FastConv3d` and :class:`FastConvTranspose2d`/:class:`FastConvTranspose3d` are
 ``nn.Conv*``/``nn.ConvTranspose*`` with the same parameters and state-dict keys that take these paths where they
 apply (stride, padding and kernel checked at construction, memory format at call time) and the plain
 ``nn.Conv*`` forward everywhere else. :func:`to_channels_last` puts a network's input into the channels-last
-layout its layers then keep. The results equal the plain ops' up to float rounding.
+layout its layers then keep. The results equal the plain ops' up to float rounding; the largest differences come
+from PyTorch's own channels-last BatchNorm, which computes the batch statistics in one float32 pass (about 1e-4
+relative where a channel's mean is several times its spread, against 1e-7 channels-first).
 
 ``with plain_ops(): ...`` turns every fast path off (plain PyTorch ops, channels-first layout): the reference the
 tests compare the fast paths with, and a way to rule them out when debugging. TorchScript always compiles the plain
@@ -39,6 +43,7 @@ __all__ = [
     "FastConv3d",
     "FastConvTranspose2d",
     "FastConvTranspose3d",
+    "as_fast_conv",
     "depthwise_conv",
     "fast_conv_type",
     "fast_conv_transpose_type",
@@ -92,6 +97,7 @@ class _DepthwiseConv(torch.autograd.Function):
     """Depthwise convolution, stride 1, "same" zero padding, with both gradients computed as convolutions."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: float32 inside
     def forward(ctx, x, weight, bias, padding, dilation):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
@@ -99,6 +105,7 @@ class _DepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         spatial = tuple(range(2, x.dim()))
@@ -109,12 +116,11 @@ class _DepthwiseConv(torch.autograd.Function):
             flipped = weight.flip(spatial)
             grad_x = _conv(grad, flipped, None, padding=ctx.padding, dilation=ctx.dilation, groups=channels)
         if ctx.needs_input_grad[1]:
-            # weight[c, o] = sum_p x_pad[c, p + dilation * o] * grad[c, p]: a grouped convolution of the padded
-            # input with the output gradient as kernel, strided by the dilation; one image at a time
-            pads = [p for p in reversed(ctx.padding) for _ in range(2)]
+            # weight[c, o] = sum_p x_pad[c, p + dilation * o] * grad[c, p]: a grouped convolution of the (zero
+            # padded) input with the output gradient as kernel, strided by the dilation; one image at a time
             per_image = [
-                _conv(F.pad(x[i : i + 1], pads), g.transpose(0, 1), None, stride=ctx.dilation, groups=channels)
-                for i, g in enumerate(grad.split(1))
+                _conv(xi, g.transpose(0, 1), None, padding=ctx.padding, stride=ctx.dilation, groups=channels)
+                for xi, g in zip(x.split(1), grad.split(1))
             ]
             grad_weight = torch.stack(per_image).sum(0).transpose(0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -129,12 +135,19 @@ def depthwise_conv(
     return _DepthwiseConv.apply(x, weight, bias, tuple(padding), tuple(dilation))
 
 
+def _same_padding(conv: nn.modules.conv._ConvNd) -> bool:
+    """Stride 1 and zero padding of half the (dilated) kernel on each side: the output has the input's size."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(s != 1 for s in conv.stride):
+        return False
+    return all(p * 2 == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
+
+
 def _conv_kind(conv: nn.modules.conv._ConvNd) -> str:
     """Which fast path a convolution's hyper-parameters allow: "depthwise", "pointwise" or "plain"."""
     unit_stride = all(s == 1 for s in conv.stride)
     if conv.padding_mode != "zeros" or not unit_stride or isinstance(conv.padding, str):
         return "plain"
-    same = all(p * 2 == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
+    same = _same_padding(conv)
     if conv.groups == conv.in_channels == conv.out_channels and same:
         return "depthwise"
     if conv.groups == 1 and all(k == 1 for k in conv.kernel_size) and all(p == 0 for p in conv.padding):
@@ -142,15 +155,42 @@ def _conv_kind(conv: nn.modules.conv._ConvNd) -> str:
     return "plain"
 
 
+def _crop_to_input(weight: torch.Tensor, padding: tuple, dilation: tuple, sizes: list[int]) -> tuple:
+    """
+    A stride-1 "same" convolution's kernel without the taps that only ever see zero padding, and its padding.
+    Along an axis of size S, tap t (offset (t - center) * dilation) reaches the input only if |offset| < S: a
+    7-kernel with dilation 3 has 5 useful taps on 8 voxels, 3 on 4 and 1 on 2. The result is exactly the same.
+    """
+    slices, new_padding = [slice(None), slice(None)], []
+    for k, d, p, size in zip(weight.shape[2:], dilation, padding, sizes):
+        center = (k - 1) // 2
+        reach = min(center, (size - 1) // d)
+        slices.append(slice(center - reach, center + reach + 1))
+        new_padding.append(min(p, reach * d))
+    return weight[tuple(slices)], tuple(new_padding)
+
+
 def _fast_conv_forward(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not fast_ops_enabled(x):
         return conv._conv_forward(x, weight, conv.bias)
+    padding = conv.padding
+    # (a trace would record the sizes as constants: it keeps the whole kernel)
+    if conv.same_padding and not torch.jit.is_tracing() and any(p >= s for p, s in zip(padding, x.shape[2:])):
+        weight, padding = _crop_to_input(weight, padding, conv.dilation, list(x.shape[2:]))
+        if conv.kind == "plain":
+            y = _conv(x, weight, conv.bias, padding=padding, dilation=conv.dilation, groups=conv.groups)
+            return _keep_layout(x, y)
     if conv.kind == "depthwise":
-        return depthwise_conv(x, weight, conv.bias, conv.padding, conv.dilation)
+        return depthwise_conv(x, weight, conv.bias, padding, conv.dilation)
     if conv.kind == "pointwise" and _is_channels_last(x):
         return F.linear(x.movedim(1, -1), weight.flatten(1), conv.bias).movedim(-1, 1)
-    # a one-channel input is laid out both ways, and the kernel then picks channels-first for the output
-    return to_channels_last(conv._conv_forward(x, weight, conv.bias))
+    return _keep_layout(x, conv._conv_forward(x, weight, conv.bias))
+
+
+def _keep_layout(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` channels-last if ``x`` is: a one-channel input counts as both layouts, and the convolution kernels then
+    return channels-first, which would take the rest of a channels-last network off its layout."""
+    return to_channels_last(y) if _is_channels_last(x) else y
 
 
 class FastConv3d(nn.Conv3d):
@@ -159,6 +199,7 @@ class FastConv3d(nn.Conv3d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kind = _conv_kind(self)
+        self.same_padding = _same_padding(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast_forward(x, self.weight)
@@ -176,6 +217,7 @@ class FastConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kind = _conv_kind(self)
+        self.same_padding = _same_padding(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast_forward(x, self.weight)
@@ -259,6 +301,17 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
         return F.conv_transpose2d(
             x, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
+
+
+def as_fast_conv(conv: nn.Module) -> nn.Module:
+    """Turn an ``nn.Conv2d``/``nn.Conv3d`` (e.g. inside a MONAI block) into the fast class of its dimension, in place:
+    same parameters and state-dict keys, nothing re-initialised. Other modules are returned unchanged."""
+    fast_type = {nn.Conv2d: FastConv2d, nn.Conv3d: FastConv3d}.get(type(conv))
+    if fast_type is not None:
+        conv.__class__ = fast_type
+        conv.kind = _conv_kind(conv)
+        conv.same_padding = _same_padding(conv)
+    return conv
 
 
 def fast_conv_type(spatial_dims: int) -> type:

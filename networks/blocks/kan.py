@@ -6,11 +6,10 @@ groups can pick them out by name: U-KAN (arXiv 2406.02918) trains them with a hi
 
 Speed: while the knots of every input feature are evenly spaced (as they are until :meth:`KANLinear.update_grid`
 moves them), only ``spline_order + 1`` bases are non-zero at any input, and they are polynomials of the input's
-position within its knot interval. :func:`kan_features` evaluates just those, with their derivatives in an
+position within its knot interval. :func:`even_b_spline_bases` evaluates just those, with their derivatives in an
 analytic backward, instead of the Cox-de Boor recursion over every knot interval (about 25 passes over a
-``(tokens, features, bases)`` tensor, each recorded for autograd); the base (SiLU) and spline terms then form one
-matrix product. :func:`b_spline_bases` stays the reference for any knots (``networks.blocks.fast.plain_ops()``
-selects it, as does TorchScript).
+``(tokens, features, bases)`` tensor, each recorded for autograd). :func:`b_spline_bases` stays the reference for
+any knots (``networks.blocks.fast.plain_ops()`` selects it, as does TorchScript).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from networks.blocks.fast import fast_ops_enabled
 
-__all__ = ["KANConv", "KANLinear", "b_spline_bases", "kan_features", "make_uniform_grid"]
+__all__ = ["KANConv", "KANLinear", "b_spline_bases", "even_b_spline_bases", "make_uniform_grid"]
 
 
 def make_uniform_grid(
@@ -89,65 +88,66 @@ def _local_bases(position: torch.Tensor, degree: int) -> list[torch.Tensor]:
     return values
 
 
-class _KANFeatures(torch.autograd.Function):
-    """[SiLU(x_i), B_0(x_i), ..., B_{n-1}(x_i)] for every feature i of ``x`` (..., F): a (..., F, 1 + n) tensor."""
+class _EvenBSplineBases(torch.autograd.Function):
+    """B-spline bases of evenly spaced knots; see :func:`even_b_spline_bases`."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: float32 inside
     def forward(ctx, x, knot_start, knot_step, grid_size, spline_order):  # type: ignore[override]
         k = spline_order
         num_bases = grid_size + k
         scaled = (x - knot_start) / knot_step  # position in knot steps from the first knot
-        # interval m holds bases m - k .. m; beyond the outer knots (m < 0 or m >= grid_size + 2k) none is non-zero
-        inside = ((scaled >= 0) & (scaled < grid_size + 2 * k)).to(x.dtype)
+        # knot interval m holds bases m - k .. m; beyond the outer knots no basis is non-zero
+        inside = (scaled >= 0) & (scaled < grid_size + 2 * k)
         interval = scaled.floor().clamp_(0, grid_size + 2 * k - 1)
         position = scaled - interval
-        # bases -k .. num_bases + k - 1 go to slots 0 .. num_bases + 2k - 1, the ones that do not exist included
-        padded = x.new_zeros(x.shape + (num_bases + 2 * k,))
-        slot = interval.long().unsqueeze(-1)
+        # per local basis r, its index m - k + r; near the ends some of these bases do not exist: they add zeros
+        indices, valid = [], []
+        for r in range(k + 1):
+            index = interval - (k - r)
+            indices.append(index.clamp(0, num_bases - 1).long().unsqueeze(-1))
+            valid.append((inside & (index >= 0) & (index < num_bases)).to(x.dtype))
+        bases = x.new_zeros(x.shape + (num_bases,))
         for r, value in enumerate(_local_bases(position, k)):
-            padded.scatter_(-1, slot + r, (value * inside).unsqueeze(-1))
-        features = torch.empty(x.shape + (1 + num_bases,), dtype=x.dtype, device=x.device)
-        features[..., 0] = F.silu(x)
-        features[..., 1:] = padded[..., k : k + num_bases]
-        ctx.save_for_backward(x, position, slot, inside, knot_step)
+            bases.scatter_add_(-1, indices[r], (value * valid[r]).unsqueeze(-1))
+        ctx.save_for_backward(position, knot_step, *indices, *valid)
         ctx.spline_order = k
-        return features
+        return bases
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):  # type: ignore[override]
-        x, position, slot, inside, knot_step = ctx.saved_tensors
         k = ctx.spline_order
-        sigmoid = torch.sigmoid(x)
-        grad_x = grad[..., 0] * sigmoid * (1 + x * (1 - sigmoid))
+        position, knot_step = ctx.saved_tensors[:2]
+        indices, valid = ctx.saved_tensors[2 : 3 + k], ctx.saved_tensors[3 + k :]
+        grad_x = torch.zeros_like(position)
         if k > 0:
-            num_bases = grad.shape[-1] - 1
-            padded = grad.new_zeros(grad.shape[:-1] + (num_bases + 2 * k,))
-            padded[..., k : k + num_bases] = grad[..., 1:]
             # d B_{m-k+r} / dx = (B^{k-1}_{r-1} - B^{k-1}_r) / step, lower-degree bases absent outside r = 0..k-1
             lower = _local_bases(position, k - 1)
-            spline_grad = torch.zeros_like(position)
             for r in range(k + 1):
                 slope = (lower[r - 1] if r > 0 else 0) - (lower[r] if r < k else 0)
-                spline_grad += padded.gather(-1, slot + r).squeeze(-1) * slope
-            grad_x = grad_x + spline_grad * inside / knot_step
+                grad_x += grad.gather(-1, indices[r]).squeeze(-1) * slope * valid[r]
+            grad_x /= knot_step
         return grad_x, None, None, None, None
 
 
-def kan_features(x: torch.Tensor, knot_start: torch.Tensor, knot_step: torch.Tensor, grid_size: int, spline_order: int):
+def even_b_spline_bases(
+    x: torch.Tensor, knot_start: torch.Tensor, knot_step: torch.Tensor, grid_size: int, spline_order: int
+) -> torch.Tensor:
     """
-    SiLU and B-spline bases of every feature of ``x`` (..., F) on evenly spaced knots: knot j of feature f is
-    ``knot_start[f] + j * knot_step[f]``, j = 0..grid_size + 2 * spline_order. Returns (..., F, 1 + grid_size +
-    spline_order): SiLU(x), then the bases as :func:`b_spline_bases` gives them for that grid.
+    :func:`b_spline_bases` for evenly spaced knots, knot j of feature f being ``knot_start[f] + j * knot_step[f]``
+    (j = 0..grid_size + 2 * spline_order): (..., F) -> (..., F, grid_size + spline_order). Only the
+    ``spline_order + 1`` bases that are non-zero at each input are evaluated, and the backward is analytic.
     """
-    return _KANFeatures.apply(x, knot_start, knot_step, grid_size, spline_order)
+    return _EvenBSplineBases.apply(x, knot_start, knot_step, grid_size, spline_order)
 
 
 class _KnotsMixin(nn.Module):
     """
-    Keeps ``knot_start`` and ``knot_step`` (per feature, not saved in the state dict) and ``even_knots`` in step with
-    the ``grid`` buffer, for :func:`kan_features`: call ``_register_knots()`` after registering ``grid``; loading a
-    state dict updates them, and so must every other change of the grid.
+    Keeps ``knot_start`` and ``knot_step`` (per feature, not saved in the state dict) and ``even_knots`` in step
+    with the ``grid`` buffer, for :func:`even_b_spline_bases`: call ``_register_knots()`` after registering
+    ``grid``; loading a state dict or changing the dtype updates them, and so must every other change of the grid.
     """
 
     def _register_knots(self) -> None:
@@ -172,6 +172,12 @@ class _KnotsMixin(nn.Module):
         if self.even_knots:
             self.knot_start.copy_(grid[:, 0])
             self.knot_step.copy_(step)
+
+    def _bases(self, x: torch.Tensor) -> torch.Tensor:
+        """B-spline bases of ``x`` (..., F): of evenly spaced knots fast, else by the Cox-de Boor recursion."""
+        if self.even_knots and fast_ops_enabled(x):
+            return even_b_spline_bases(x, self.knot_start, self.knot_step, self.grid_size, self.spline_order)
+        return b_spline_bases(x, self.grid, self.spline_order)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -254,19 +260,14 @@ class KANLinear(_KnotsMixin):
     def scaled_spline_weight(self) -> torch.Tensor:
         return self.kan_spline_weight * self.kan_spline_scaler.unsqueeze(-1)
 
-    @torch.jit.unused
-    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = kan_features(x, self.knot_start, self.knot_step, self.grid_size, self.spline_order)
-        weight = torch.cat([self.kan_base_weight.unsqueeze(-1), self.scaled_spline_weight()], dim=-1)
-        return F.linear(features.flatten(-2), weight.flatten(1))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected the last input dimension to be {self.in_features}, got {x.shape[-1]}.")
-        if not torch.jit.is_scripting():
-            if self.even_knots and fast_ops_enabled(x):
-                return self._fast_forward(x)
-        bases = b_spline_bases(x, self.grid, self.spline_order).flatten(-2)
+        if torch.jit.is_scripting():
+            bases = b_spline_bases(x, self.grid, self.spline_order)
+        else:
+            bases = self._bases(x)
+        bases = bases.flatten(-2)
         spline_weight = self.scaled_spline_weight().flatten(1)
         return F.linear(self.base_act(x), self.kan_base_weight) + F.linear(bases, spline_weight)
 
@@ -415,21 +416,9 @@ class KANConv(_KnotsMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}.")
-        if not torch.jit.is_scripting():
-            if self.even_knots and fast_ops_enabled(x):
-                return self._fast_forward(x)
-        bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order).flatten(-2).movedim(-1, 1)
+        if torch.jit.is_scripting():
+            bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order)
+        else:
+            bases = self._bases(x.movedim(1, -1))
+        bases = bases.flatten(-2).movedim(-1, 1)
         return self.kan_base_conv(self.base_act(x)) + self.kan_spline_conv(bases)
-
-    @torch.jit.unused
-    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Both branches as one convolution over [SiLU(x_c), B_0(x_c), ...] per channel c (kan_features)."""
-        base, spline = self.kan_base_conv, self.kan_spline_conv
-        features = kan_features(x.movedim(1, -1), self.knot_start, self.knot_step, self.grid_size, self.spline_order)
-        features = features.flatten(-2).movedim(-1, 1)
-        kernel = spline.weight.shape[2:]
-        per_group = base.weight.shape[1]  # input channels per group
-        weight = torch.cat(
-            [base.weight.unsqueeze(2), spline.weight.view(spline.out_channels, per_group, self.num_bases, *kernel)], 2
-        ).flatten(1, 2)
-        return base._conv_forward(features, weight, base.bias)

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fast CPU paths (networks.blocks.fast, kan_features) give the plain PyTorch ops' numbers, and are taken."""
+"""The fast CPU paths (networks.blocks.fast, even_b_spline_bases) give the plain ops' numbers, and are taken."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from networks import UKAN, DNet, TransUNet
 from networks.blocks.fast import FastConv2d, FastConv3d, FastConvTranspose2d, FastConvTranspose3d, plain_ops
-from networks.blocks.kan import KANConv, KANLinear, b_spline_bases, kan_features
+from networks.blocks.kan import KANConv, KANLinear, b_spline_bases, even_b_spline_bases
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,6 +68,10 @@ CONV_CASES = [
     # pointwise: a matrix product on channels-last input, the plain conv otherwise
     [FastConv3d, {"in_channels": 6, "out_channels": 10, "kernel_size": 1}, (2, 6, 4, 5, 3)],
     [FastConv2d, {"in_channels": 6, "out_channels": 3, "kernel_size": 1, "bias": False}, (2, 6, 5, 7)],
+    # kernels reaching beyond the input (7-kernel, dilation 3 on 4 and 2 voxels): the taps on padding only are cut
+    [FastConv3d, {"in_channels": 6, "kernel_size": 7, "padding": 9, "dilation": 3, "groups": 6}, (2, 6, 4, 2, 9)],
+    [FastConv3d, {"in_channels": 2, "kernel_size": 7, "padding": 3}, (1, 2, 2, 3, 8)],
+    [FastConv2d, {"in_channels": 3, "kernel_size": 5, "padding": 2, "groups": 3}, (2, 3, 1, 6)],
     # neither: the plain conv
     [FastConv3d, {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1}, (2, 3, 8, 8, 8)],
     # transposed, kernel == stride: a matrix product and a reshape
@@ -95,7 +99,7 @@ def test_depthwise_fast_path_is_taken_and_faster_kernels_are_used():
 
 
 @parameterized.expand([[3], [2], [1], [0]])
-def test_kan_features_match_cox_de_boor(spline_order):
+def test_even_bases_match_cox_de_boor(spline_order):
     torch.manual_seed(0)
     layer = KANLinear(5, 3, grid_size=5, spline_order=spline_order)
     assert layer.even_knots
@@ -105,11 +109,14 @@ def test_kan_features_match_cox_de_boor(spline_order):
     if spline_order >= 2:
         x = torch.cat([x, layer.grid[:, :7].t()])
     x.requires_grad_()
-    features = kan_features(x, layer.knot_start, layer.knot_step, 5, spline_order)
-    expected = torch.cat([F.silu(x).unsqueeze(-1), b_spline_bases(x, layer.grid, spline_order)], -1)
-    torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
-    weights = torch.randn_like(features)
-    (grad,) = torch.autograd.grad((features * weights).sum(), x)
+    bases = even_b_spline_bases(x, layer.knot_start, layer.knot_step, 5, spline_order)
+    expected = b_spline_bases(x, layer.grid, spline_order)
+    torch.testing.assert_close(bases, expected, rtol=0, atol=1e-5)
+    weights = torch.randn_like(bases)
+    (grad,) = torch.autograd.grad((bases * weights).sum(), x)
+    if spline_order == 0:  # piecewise constant
+        assert not grad.any()
+        return
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-4)
 
@@ -193,3 +200,15 @@ def test_deepcopy_and_double_keep_kan_layers_exact():
     layer = KANLinear(4, 2)
     double = copy.deepcopy(layer).double()
     assert layer.even_knots and not double.even_knots
+
+
+@parameterized.expand([[NETWORK_CASES[1]], [NETWORK_CASES[3]], [NETWORK_CASES[5]]])
+def test_bf16_autocast_trains(case):
+    """Under CPU bfloat16 autocast the custom autograd functions run in float32 and every parameter gets a gradient."""
+    network, kwargs, shape = case
+    net = network(in_channels=shape[1], out_channels=2, **kwargs).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(shape))
+    sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
