@@ -89,13 +89,14 @@ def test_fast_conv_matches_plain_conv(layer_type, kwargs, shape):
         assert_same_numbers(layer, x, rtol=1e-5)
 
 
-def test_depthwise_fast_path_is_taken_and_faster_kernels_are_used():
-    """The depthwise conv's backward is the custom one: no aten convolution_backward on the weight."""
+def test_depthwise_fast_path_is_taken_in_3d():
+    """A 3D depthwise conv's backward is the custom one; 2D depthwise convs keep PyTorch's (faster there)."""
     layer = FastConv3d(4, 4, 3, padding=1, groups=4)
     x = torch.randn(1, 4, 6, 6, 6, requires_grad=True)
     assert layer(x).grad_fn.name() == "_DepthwiseConvBackward"
     with plain_ops():
         assert layer(x).grad_fn.name() == "ConvolutionBackward0"
+    assert FastConv2d(4, 4, 3, padding=1, groups=4)(x[..., 0]).grad_fn.name() == "ConvolutionBackward0"
 
 
 @parameterized.expand([[3], [2], [1], [0]])
