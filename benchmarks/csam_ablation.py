@@ -36,7 +36,7 @@ def _parameters(use_csam: bool, overrides: list[str]) -> int:
     parser.read_config(REPO / "bundles" / BUNDLE / "configs" / "inference.json")
     parser["use_csam"] = use_csam
     for key, value in zip(overrides[::2], overrides[1::2]):  # the overrides that change the parameter count
-        if key.lstrip("-") in ("features", "in_channels", "num_classes"):
+        if key.lstrip("-") in ("channels", "in_channels", "num_classes"):
             parser[key.lstrip("-")] = ast.literal_eval(value)
     return sum(p.numel() for p in parser.get_parsed_content("network_def").parameters())
 

@@ -1,20 +1,275 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Forward and forward+backward time and peak memory of a network on the CPU.
+"""
+Speed of the collection's networks on the CPU: against the authors' own code, alone, per layer, and in FLOPs.
 
-Each input size runs in a fresh process, so its peak resident memory (``ru_maxrss``) belongs to that size alone;
-"activation memory" is the peak minus the resident memory after the model was built.
+Networks are named configurations (``list`` shows them): each names a network, its arguments and an input, so a
+figure in a card is one command. ``NAME:key=value,...`` overrides constructor arguments (values as JSON, e.g.
+``dnet-official:use_checkpointing=true``).
 
-    python benchmarks/speed.py networks.DNet '{"in_channels": 1, "out_channels": 16}' --shapes 1,1,64,64,64 1,1,96,96,96
+    python benchmarks/speed.py list
+    # ours against the authors' code from a local clone (nothing of it is copied here); interleaved, medians
+    python benchmarks/speed.py compare dnet-official --reference /path/to/DLK
+    python benchmarks/speed.py compare transunet-r50-vit-b16 --reference /path/to/TransUNet
+    python benchmarks/speed.py compare ukan-official --reference /path/to/U-KAN
+    # ours alone, several configurations taking turns; --memory adds peak memory, each in a fresh process
+    python benchmarks/speed.py time dnet-paper dnet-paper:use_checkpointing=true --memory
+    python benchmarks/speed.py time ukan-bundle ukan-bundle:use_kan=false ukan-bundle:token_shift=true
+    python benchmarks/speed.py kan-layers                      # KANLinear against nn.Linear at U-KAN's shapes
+    python benchmarks/speed.py flops ukan-bundle ukan-bundle:use_kan=false --shape 1,1,96,96,96
+    python benchmarks/speed.py arms ukan --epochs 3 -- --num_workers 2   # U-KAN's KAN/MLP training arms
+
+Timing (``compare``, ``time``): every network runs in training mode; a "forward" is one call under
+``torch.no_grad()``, a "forward+backward" a call and ``backward()`` of the sum of the outputs' means (every
+deep-supervision output included). After one warm-up round the networks take turns for ``--rounds`` rounds and the
+medians count: on a machine shared with other jobs, taking turns exposes every network to the same load, so ratios
+measured side by side are steadier than times. ``--plain`` adds our network with ``networks.blocks.fast.plain_ops()``
+(plain PyTorch ops, channels-first), the path the optimised one is tested against, so the gain of those levers shows
+on its own; ``--compile`` adds ours under ``torch.compile`` (its compile time is printed); ``--bf16`` adds ours under
+CPU bfloat16 autocast (other numbers than float32: how far its output moves is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.reference import official_dnet, official_transunet, official_ukan  # noqa: E402
+from networks import UKAN, DNet, KANLinear, TransUNet  # noqa: E402
+from networks.blocks.fast import plain_ops  # noqa: E402
+
+
+@dataclasses.dataclass
+class Config:
+    """A named network configuration: how to build ours, its input, and (optionally) the authors' equivalent."""
+
+    description: str
+    build: Callable[..., nn.Module]
+    shape: Callable[[], list[int]]
+    reference: Callable[[str], nn.Module] | None = None
+    reference_repo: str = ""
+
+
+def _bundle_config(bundle: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(REPO / "bundles" / bundle / "configs" / "train.json")
+    return parser
+
+
+def _bundle_network(bundle: str, **overrides) -> nn.Module:
+    """The bundle's ``network_def`` with its defaults, and ``overrides`` of its arguments."""
+    parser = _bundle_config(bundle)
+    for key, value in overrides.items():
+        parser[f"network_def#{key}"] = value
+    return parser.get_parsed_content("network_def")
+
+
+def _bundle_batch(bundle: str) -> list[int]:
+    """One training batch of the bundle: batch_size * samples_per_case patches of roi_size."""
+    parser = _bundle_config(bundle)
+    batch = parser.get_parsed_content("batch_size") * parser.get_parsed_content("samples_per_case")
+    return [batch, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("roi_size")]
+
+
+OFFICIAL_DNET = {"per_branch_selection": False, "shared_norm": True}
+CONFIGS: dict[str, Config] = {
+    "dnet-official": Config(
+        "D-Net as the official code builds it (widths 48-768, shared norm, both-branch selection), 1 in, 3 classes",
+        lambda **kw: DNet(3, 1, 3, **{**OFFICIAL_DNET, **kw}),
+        lambda: [1, 1, 64, 64, 64],
+        lambda path: official_dnet(path, 1, 3),
+        "sotiraslab/DLK",
+    ),
+    "dnet-paper": Config(
+        "D-Net with the paper's defaults (per-branch selection, a norm per sub-block), 1 in, 16 classes",
+        lambda **kw: DNet(3, 1, 16, **kw),
+        lambda: [1, 1, 64, 64, 64],
+    ),
+    "transunet-r50-vit-b16": Config(
+        "TransUNet R50-ViT-B/16 as the official train.py builds it, 224x224, 9 classes (Synapse)",
+        lambda **kw: TransUNet(3, 9, **kw),
+        lambda: [2, 3, 224, 224],
+        lambda path: official_transunet(path, 9),
+        "Beckschen/TransUNet",
+    ),
+    "ukan-official": Config(
+        "U-KAN as the official train.py builds it (embed_dims 128-160-256), 2D, 3 in, 1 class",
+        lambda **kw: UKAN(2, 3, 1, **kw),
+        lambda: [4, 3, 256, 256],
+        lambda path: official_ukan(path, 1),
+        "CUHK-AIM-Group/U-KAN",
+    ),
+}
+for _name, _bundle in [
+    ("dnet-bundle", "dnet_segmentation"),
+    ("transunet-bundle", "transunet_segmentation"),
+    ("ukan-bundle", "ukan_segmentation"),
+    ("csam-bundle", "csam_unet_segmentation"),
+    ("unet-bundle", "unet_segmentation"),
+]:
+    CONFIGS[_name] = Config(
+        f"the {_bundle} bundle's network_def on one of its training batches",
+        lambda _b=_bundle, **kw: _bundle_network(_b, **kw),
+        lambda _b=_bundle: _bundle_batch(_b),
+    )
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name[:key=value,...]`` -> (name, overrides); values are JSON (true, 3, [1, 2]) or else strings."""
+    name, _, rest = spec.partition(":")
+    if name not in CONFIGS:
+        sys.exit(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    overrides = {}
+    for item in filter(None, rest.split(",")) if rest else []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"{spec}: expected key=value after ':', got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def loss_of(output) -> torch.Tensor:
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    return sum(o.float().mean() for o in outputs)
+
+
+@dataclasses.dataclass
+class Runner:
+    """A network, its input and how to call it; collects the times of its forward and forward+backward calls."""
+
+    label: str
+    net: nn.Module
+    x: torch.Tensor
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    forward: list[float] = dataclasses.field(default_factory=list)
+    forward_backward: list[float] = dataclasses.field(default_factory=list)
+
+    def step(self) -> tuple[float, float]:
+        with self.context():
+            with torch.no_grad():
+                start = time.perf_counter()
+                self.net(self.x)
+                forward = time.perf_counter() - start
+            start = time.perf_counter()
+            loss_of(self.net(self.x)).backward()
+            forward_backward = time.perf_counter() - start
+        self.net.zero_grad(set_to_none=True)
+        return forward, forward_backward
+
+
+def take_turns(runners: Sequence[Runner], rounds: int) -> None:
+    """One warm-up round, then ``rounds`` rounds in which every runner does a forward and a forward+backward."""
+    for r in range(rounds + 1):
+        for runner in runners:
+            forward, forward_backward = runner.step()
+            if r:
+                runner.forward.append(forward)
+                runner.forward_backward.append(forward_backward)
+        print(f"  round {r}/{rounds}" + (" (warm-up)" if r == 0 else ""), end="\r", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+
+def build_runners(spec: str, args, reference: str | None = None) -> list[Runner]:
+    """Ours for ``spec`` (and the authors' network from ``reference``, first), on one random input."""
+    name, overrides = parse_spec(spec)
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    x = torch.randn(args.shape or config.shape())
+    print(f"{spec}: {config.description}; input {'x'.join(map(str, x.shape))}")
+    ours = config.build(**overrides).train()
+    runners = []
+    if reference is not None:
+        if config.reference is None:
+            sys.exit(f"{name}: no reference implementation is known for this configuration")
+        runners.append(Runner(f"official ({config.reference_repo})", config.reference(reference).train(), x))
+    runners.append(Runner(f"ours ({spec})", ours, x))
+    if args.plain:
+        runners.append(Runner(f"ours ({spec}), plain ops", ours, x, plain_ops))
+    if args.bf16:
+        runners.append(Runner(f"ours ({spec}), bf16 autocast", ours, x, _bf16_autocast))
+    if args.compile:
+        start = time.perf_counter()
+        compiled = torch.compile(ours)
+        loss_of(compiled(x)).backward()
+        ours.zero_grad(set_to_none=True)
+        print(f"torch.compile: the first forward+backward (compilation) took {time.perf_counter() - start:.0f} s")
+        runners.append(Runner(f"ours ({spec}), torch.compile", compiled, x))
+    return runners
+
+
+def _bf16_autocast() -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def header(args) -> None:
+    print(f"torch {torch.__version__}, CPU, {args.threads} threads, median of {args.rounds} rounds taking turns "
+          "after a warm-up round")
+
+
+def print_table(runners: Sequence[Runner], first_is_reference: bool) -> None:
+    print(f"| {'network':<48} | {'parameters':>12} | {'forward s':>9} | {'fwd+bwd s':>9} |")
+    print(f"|{'-' * 50}|{'-' * 14}|{'-' * 11}|{'-' * 11}|")
+    for runner in runners:
+        forward, forward_backward = statistics.median(runner.forward), statistics.median(runner.forward_backward)
+        print(f"| {runner.label:<48} | {num_params(runner.net):>12,} | {forward:>9.3f} | {forward_backward:>9.3f} |")
+    if first_is_reference:
+        reference = runners[0]
+        for runner in runners[1:]:
+            f = statistics.median(reference.forward) / statistics.median(runner.forward)
+            fb = statistics.median(reference.forward_backward) / statistics.median(runner.forward_backward)
+            print(f"ratio official / {runner.label}: forward {f:.2f}x, forward+backward {fb:.2f}x")
+
+
+def print_bf16_deviation(runners: Sequence[Runner]) -> None:
+    """How far bf16 autocast moves a network's output from its float32 output (eval mode, same input)."""
+    for runner in runners:
+        if runner.context is not _bf16_autocast:
+            continue
+        runner.net.eval()
+        with torch.no_grad():
+            exact = runner.net(runner.x)
+            with _bf16_autocast():
+                approx = runner.net(runner.x)
+        runner.net.train()
+        exact, approx = (o[0] if isinstance(o, (list, tuple)) else o for o in (exact, approx))
+        deviation = (approx.float() - exact).abs().max() / exact.abs().max()
+        print(f"{runner.label}: the output differs from float32 by up to {deviation:.1e} of its largest value")
+
+
+def cmd_compare(args) -> None:
+    runners = build_runners(args.config, args, reference=args.reference)
+    header(args)
+    take_turns(runners, args.rounds)
+    print_table(runners, first_is_reference=True)
+    if num_params(runners[0].net) != num_params(runners[1].net):
+        print("note: the parameter counts differ, so this is not the same configuration")
+    print_bf16_deviation(runners)
+    if args.memory:
+        print_memory([(runners[0].label, args.config, args.reference), (runners[1].label, args.config, None)], args)
 
 
 def _rss_mb() -> float:
@@ -22,61 +277,162 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(target: str, kwargs: dict, shape: list[int], repeats: int, threads: int) -> dict:
-    import pydoc
-
-    import torch
-
-    torch.set_num_threads(threads)
-    net = pydoc.locate(target)(**kwargs)
-    params = sum(p.numel() for p in net.parameters())
-    x = torch.randn(*shape)
+def memory_child(spec: str, shape: list[int] | None, reference: str | None) -> dict:
+    """Peak resident memory of one forward+backward of ours (or of the authors' network), in this fresh process."""
+    name, overrides = parse_spec(spec)
+    config = CONFIGS[name]
+    net = (config.reference(reference) if reference else config.build(**overrides)).train()
+    x = torch.randn(shape or config.shape())
     base = _rss_mb()
-    net.eval()
-    with torch.no_grad():
-        net(x)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            net(x)
-        forward = (time.perf_counter() - t0) / repeats
-    net.train()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = net(x)
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        sum(o.float().mean() for o in outs).backward()
-        net.zero_grad(set_to_none=True)
-    backward = (time.perf_counter() - t0) / repeats
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"shape": shape, "params": params, "forward_s": forward, "forward_backward_s": backward,
-            "peak_rss_mb": peak, "activation_mb": peak - base, "threads": threads}
+    loss_of(net(x)).backward()
+    # the high-water mark of this process's memory map (ru_maxrss would carry the parent's over from the fork)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return {"peak_rss_mb": peak, "activation_mb": peak - base}
+
+
+def cmd_time(args) -> None:
+    runners = [runner for spec in args.configs for runner in build_runners(spec, args)]
+    header(args)
+    take_turns(runners, args.rounds)
+    print_table(runners, first_is_reference=False)
+    print_bf16_deviation(runners)
+    if args.memory:
+        print_memory([(spec, spec, None) for spec in args.configs], args)
+
+
+def print_memory(rows: list[tuple[str, str, str | None]], args) -> None:
+    """Peak memory of (label, spec, reference path or None) rows, each measured in a fresh process."""
+    print("\npeak memory of one forward+backward, each network in a fresh process (activations: the peak minus the "
+          "memory after the network was built)")
+    print(f"| {'network':<48} | {'peak RSS MB':>11} | {'activations MB':>14} |")
+    print(f"|{'-' * 50}|{'-' * 13}|{'-' * 16}|")
+    for label, spec, reference in rows:
+        command = [sys.executable, __file__, "memory-child", spec, "--threads", str(args.threads)]
+        if args.shape:
+            command += ["--shape", ",".join(map(str, args.shape))]
+        if reference:
+            command += ["--reference", reference]
+        out = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace")
+        if out.returncode != 0:
+            sys.exit(f"{label}: the memory measurement failed\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {label:<48} | {result['peak_rss_mb']:>11.0f} | {result['activation_mb']:>14.0f} |")
+
+
+# (where, tokens, width): a KAN block at 1/s resolution of a batch of B inputs sees B * prod(size / s) tokens.
+KAN_TOKEN_SHAPES = [
+    ("bundle 3D, 1/8 decoder", 4 * 4 * 8 * 4, 128),
+    ("bundle 3D, 1/16", 4 * 2 * 4 * 2, 160),
+    ("bundle 3D, 1/32", 4 * 1 * 2 * 1, 256),
+    ("paper 2D, 1/8 decoder", 4 * 32 * 32, 128),
+    ("paper 2D, 1/16", 4 * 16 * 16, 160),
+    ("paper 2D, 1/32", 4 * 8 * 8, 256),
+]
+
+
+def cmd_kan_layers(args) -> None:
+    print(f"KANLinear (grid 5, cubic) against nn.Linear of the same shape; {args.threads} threads, median of "
+          f"{args.rounds} rounds taking turns; 'plain' is KANLinear with the Cox-de Boor bases (plain_ops)")
+    print(f"| {'where':<22} | {'tokens':>6} | {'width':>5} | {'Linear f+b ms':>13} | {'KAN f+b ms':>10} | "
+          f"{'KAN plain f+b ms':>16} | {'KAN / Linear':>12} |")
+    print(f"|{'-' * 24}|{'-' * 8}|{'-' * 7}|{'-' * 15}|{'-' * 12}|{'-' * 18}|{'-' * 14}|")
+    for where, tokens, width in KAN_TOKEN_SHAPES:
+        kan, x = KANLinear(width, width), torch.randn(tokens, width)
+        linear = nn.Linear(width, width)
+        runners = [Runner("linear", linear, x), Runner("kan", kan, x), Runner("plain", kan, x, plain_ops)]
+        take_turns(runners, args.rounds)
+        linear, fast, plain = (statistics.median(r.forward_backward) * 1e3 for r in runners)
+        print(f"| {where:<22} | {tokens:>6} | {width:>5} | {linear:>13.3f} | {fast:>10.3f} | {plain:>16.3f} | "
+              f"{fast / linear:>12.1f} |")
+
+
+def cmd_flops(args) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    print("parameters and GFLOPs of one forward (matrix products and convolutions only: B-spline bases, norms and "
+          "activations are not counted)")
+    print(f"| {'network':<48} | {'input':<18} | {'parameters':>12} | {'KAN params':>11} | {'GFLOPs':>8} |")
+    print(f"|{'-' * 50}|{'-' * 20}|{'-' * 14}|{'-' * 13}|{'-' * 10}|")
+    for spec in args.configs:
+        name, overrides = parse_spec(spec)
+        config = CONFIGS[name]
+        net = config.build(**overrides).eval()
+        shape = args.shape or config.shape()
+        kan = sum(p.numel() for n, p in net.named_parameters() if "kan" in n)
+        # shapes alone decide the count: on the meta device a large input costs no compute
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net.to("meta")(torch.zeros(shape, device="meta"))
+        print(f"| {spec:<48} | {'x'.join(map(str, shape)):<18} | {num_params(net):>12,} | {kan:>11,} | "
+              f"{counter.get_total_flops() / 1e9:>8.2f} |")
+
+
+ARMS = {
+    "ukan": (
+        "ukan_segmentation",
+        {
+            "KAN, kan_learning_rate 1e-2 (default)": [],
+            "MLP (use_kan False), 1e-3": ["--use_kan", "False"],
+            "KAN, kan_learning_rate 1e-3 (control)": ["--kan_learning_rate", "1e-3"],
+        },
+    ),
+}
+
+
+def cmd_arms(args) -> None:
+    bundle, arms = ARMS[args.arms]
+    budget = ["--minutes", str(args.minutes)] if args.minutes else ["--epochs", str(args.epochs)]
+    print(f"## {bundle} trained on its default task, budget {' '.join(budget)} per arm", flush=True)
+    for name, extra in arms.items():
+        # options before the bundle name: argparse takes the overrides after "--" only when they follow it
+        out = subprocess.run([sys.executable, str(BENCHMARKS / "train_budget.py"), *budget, bundle, "--",
+                              *args.overrides, *extra], capture_output=True, text=True, encoding="utf-8",
+                             errors="replace")
+        print(f"\n### {name}\n" + (out.stdout.strip() or out.stderr[-3000:]), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", help="dotted path of the network class, e.g. networks.DNet")
-    parser.add_argument("kwargs", help="constructor arguments as JSON")
-    parser.add_argument("--shapes", nargs="+", required=True, help="input shapes, e.g. 1,1,96,96,96")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    common.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up round (default 5)")
+    common.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], help="input, e.g. 1,1,96,96,96")
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--plain", action="store_true", help="also time ours with plain PyTorch ops (plain_ops)")
+    timing.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    timing.add_argument("--bf16", action="store_true", help="also time ours under CPU bfloat16 autocast")
+    sub.add_parser("list", help="the named configurations")
+    p = sub.add_parser("compare", parents=[common, timing], help="ours against the authors' code, side by side")
+    p.add_argument("config", help="a configuration with a reference, e.g. dnet-official")
+    p.add_argument("--reference", required=True, help="path to a local clone of the authors' repository")
+    p.add_argument("--memory", action="store_true", help="also the peak memory, each in a fresh process")
+    p = sub.add_parser("time", parents=[common, timing], help="ours alone; several configurations take turns")
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--memory", action="store_true", help="also the peak memory, each in a fresh process")
+    p = sub.add_parser("memory-child", parents=[common])
+    p.add_argument("spec")
+    p.add_argument("--reference")
+    sub.add_parser("kan-layers", parents=[common], help="KANLinear against nn.Linear")
+    p = sub.add_parser("flops", parents=[common], help="parameters and GFLOPs")
+    p.add_argument("configs", nargs="+")
+    p = sub.add_parser("arms", help="fixed-budget training arms (benchmarks/train_budget.py)")
+    p.add_argument("arms", choices=sorted(ARMS))
+    p.add_argument("--minutes", type=float, default=0)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="config overrides for every arm, after --")
     args = parser.parse_args()
-    if args.child:
-        shape = [int(s) for s in args.shapes[0].split(",")]
-        print(json.dumps(measure(args.target, json.loads(args.kwargs), shape, args.repeats, args.threads)))
-        return
-    import torch
-
-    print(f"{args.target}({args.kwargs}) on CPU, torch {torch.__version__}, {args.threads} threads, "
-          f"mean of {args.repeats} runs after a warm-up forward")
-    print(f"{'input':>22} {'params':>12} {'forward s':>10} {'fwd+bwd s':>10} {'peak RSS MB':>12} {'activ. MB':>10}")
-    for shape in args.shapes:
-        out = subprocess.run([sys.executable, __file__, args.target, args.kwargs, "--shapes", shape, "--repeats",
-                              str(args.repeats), "--threads", str(args.threads), "--child"],
-                             capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{shape:>22} {r['params']:>12,} {r['forward_s']:>10.3f} {r['forward_backward_s']:>10.3f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['activation_mb']:>10.0f}")
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
+    if args.command == "list":
+        for name, config in CONFIGS.items():
+            ref = f" [reference: {config.reference_repo}]" if config.reference else ""
+            print(f"{name:<24} {config.description}{ref}")
+    elif args.command == "memory-child":
+        print(json.dumps(memory_child(args.spec, args.shape, args.reference)))
+    else:
+        {"compare": cmd_compare, "time": cmd_time, "kan-layers": cmd_kan_layers, "flops": cmd_flops,
+         "arms": cmd_arms}[args.command](args)
 
 
 if __name__ == "__main__":

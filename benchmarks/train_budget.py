@@ -6,7 +6,7 @@ It runs the bundle exactly as a user does (`python -m monai.bundle run training 
 per-class Dice and HD95 (mm) of the best model on the bundle's validation split (20 % of the cases, split_seed 0).
 
     python benchmarks/train_budget.py unet_segmentation --minutes 15
-    python benchmarks/train_budget.py dnet_segmentation --minutes 15 -- --feature_sizes "[8,16,32,64,128]"
+    python benchmarks/train_budget.py dnet_segmentation --minutes 15 -- --channels "[8,16,32,64,128]"
 
 Arguments after ``--`` are passed to both commands as config overrides.
 """

@@ -127,7 +127,7 @@ def test_split_uncertainty_moves_the_last_channel_with_the_metadata():
 @pytest.mark.parametrize("measure", ["entropy", "variance"])
 def test_monte_carlo_wrapper_returns_probabilities_and_nonnegative_uncertainty(measure):
     torch.manual_seed(0)
-    net = CSAMUNet(1, 3, features=(8, 16))
+    net = CSAMUNet(1, 3, channels=(8, 16))
     wrapper = MonteCarloUncertainty(net, num_samples=3, measure=measure).eval()
     out = wrapper(torch.randn(2, 1, 16, 16, 5))
     assert out.shape == (2, 4, 16, 16, 5)
@@ -138,9 +138,9 @@ def test_monte_carlo_wrapper_returns_probabilities_and_nonnegative_uncertainty(m
 
 def test_monte_carlo_wrapper_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_samples"):
-        MonteCarloUncertainty(CSAMUNet(1, 2, features=(8, 16)), num_samples=0)
+        MonteCarloUncertainty(CSAMUNet(1, 2, channels=(8, 16)), num_samples=0)
     with pytest.raises(ValueError, match="measure"):
-        MonteCarloUncertainty(CSAMUNet(1, 2, features=(8, 16)), measure="std")
+        MonteCarloUncertainty(CSAMUNet(1, 2, channels=(8, 16)), measure="std")
     with pytest.raises(TypeError, match="predict_with_uncertainty"):
         MonteCarloUncertainty(torch.nn.Conv3d(1, 2, 1))
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Pool
 from torch import nn
+
+from networks.blocks.fast import fast_conv_type
 
 __all__ = ["DFF"]
 
@@ -29,7 +31,7 @@ class DFF(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}.")
-        conv_type = Conv[Conv.CONV, spatial_dims]
+        conv_type = fast_conv_type(spatial_dims)
         self.channel_select = nn.Sequential(
             Pool[Pool.ADAPTIVEAVG, spatial_dims](1),
             conv_type(2 * channels, 2 * channels, kernel_size=1, bias=False),

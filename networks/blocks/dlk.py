@@ -4,31 +4,22 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import DropPath
-from monai.networks.layers.factories import Act, Conv, Pool
+from monai.networks.layers.factories import Act, Pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ChannelLayerNorm", "DepthwiseConvMlp", "DLK", "DLKAttention", "DLKBlock"]
+from networks.blocks.common import ChannelLayerNorm
+from networks.blocks.fast import fast_conv_type
 
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a channels-first tensor (B, C, *spatial)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__(channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)
+__all__ = ["DepthwiseConvMlp", "DLK", "DLKAttention", "DLKBlock"]
 
 
 class DepthwiseConvMlp(nn.Sequential):
     """Channel MLP with a depthwise 3x3(x3) conv: 1x1 C->rC, depthwise 3, GELU, 1x1 rC->C."""
 
     def __init__(self, spatial_dims: int, channels: int, mlp_ratio: int = 4) -> None:
-        conv_type = Conv[Conv.CONV, spatial_dims]
+        conv_type = fast_conv_type(spatial_dims)
         hidden = channels * mlp_ratio
         super().__init__(
             conv_type(channels, hidden, kernel_size=1),
@@ -62,7 +53,7 @@ class DLK(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if channels < 2 or channels % 2 != 0:
             raise ValueError(f"DLK needs an even number of channels, got {channels}.")
-        conv_type = Conv[Conv.CONV, spatial_dims]
+        conv_type = fast_conv_type(spatial_dims)
         branch_channels = channels // 2
         self.per_branch_selection = per_branch_selection
         self.proj = conv_type(channels, branch_channels, kernel_size=1, bias=False)
@@ -98,7 +89,7 @@ class DLKAttention(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, per_branch_selection: bool = True) -> None:
         super().__init__()
-        conv_type = Conv[Conv.CONV, spatial_dims]
+        conv_type = fast_conv_type(spatial_dims)
         self.proj_in = conv_type(channels, channels, kernel_size=1)
         self.act = Act[Act.GELU]()
         self.dlk = DLK(spatial_dims, channels, per_branch_selection)

@@ -3,6 +3,13 @@
 
 Every parameter of :class:`KANLinear` and :class:`KANConv` has ``kan`` in its name, so that optimizer parameter
 groups can pick them out by name: U-KAN (arXiv 2406.02918) trains them with a higher learning rate.
+
+Speed: while the knots of every input feature are evenly spaced (as they are until :meth:`KANLinear.update_grid`
+moves them), only ``spline_order + 1`` bases are non-zero at any input, and they are polynomials of the input's
+position within its knot interval. :func:`even_b_spline_bases` evaluates just those, with their derivatives in an
+analytic backward, instead of the Cox-de Boor recursion over every knot interval (about 25 passes over a
+``(tokens, features, bases)`` tensor, each recorded for autograd). :func:`b_spline_bases` stays the reference for
+any knots (``networks.blocks.fast.plain_ops()`` selects it, as does TorchScript).
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from monai.utils import ensure_tuple_rep
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["KANConv", "KANLinear", "b_spline_bases", "make_uniform_grid"]
+from networks.blocks.fast import fast_ops_enabled
+
+__all__ = ["KANConv", "KANLinear", "b_spline_bases", "even_b_spline_bases", "make_uniform_grid"]
 
 
 def make_uniform_grid(
@@ -57,7 +67,129 @@ def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> to
     return bases
 
 
-class KANLinear(nn.Module):
+def _local_bases(position: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    """
+    The ``degree + 1`` B-spline bases of evenly spaced knots that are non-zero at a point ``position`` (0 to 1)
+    of the way through its knot interval m: bases m - degree, ..., m, by the Cox-de Boor recursion in local
+    coordinates (with knot spacing 1, basis i of degree d rises as (x - t_i) / d and falls as (t_{i+d+1} - x) / d).
+    """
+    values = [torch.ones_like(position)]
+    for d in range(1, degree + 1):
+        new = []
+        for r in range(d + 1):
+            value = None
+            if r > 0:  # the rising part of basis m - d + r, from basis r - 1 of degree d - 1
+                value = (position + (d - r)) * values[r - 1]
+            if r < d:  # the falling part, from basis r of degree d - 1
+                falling = ((r + 1) - position) * values[r]
+                value = falling if value is None else value + falling
+            new.append(value / d)
+        values = new
+    return values
+
+
+class _EvenBSplineBases(torch.autograd.Function):
+    """B-spline bases of evenly spaced knots; see :func:`even_b_spline_bases`."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: float32 inside
+    def forward(ctx, x, knot_start, knot_step, grid_size, spline_order):  # type: ignore[override]
+        k = spline_order
+        num_bases = grid_size + k
+        scaled = (x - knot_start) / knot_step  # position in knot steps from the first knot
+        # knot interval m holds bases m - k .. m; beyond the outer knots no basis is non-zero
+        inside = (scaled >= 0) & (scaled < grid_size + 2 * k)
+        interval = scaled.floor().clamp_(0, grid_size + 2 * k - 1)
+        position = scaled - interval
+        # per local basis r, its index m - k + r; near the ends some of these bases do not exist: they add zeros
+        indices, valid = [], []
+        for r in range(k + 1):
+            index = interval - (k - r)
+            indices.append(index.clamp(0, num_bases - 1).long().unsqueeze(-1))
+            valid.append((inside & (index >= 0) & (index < num_bases)).to(x.dtype))
+        bases = x.new_zeros(x.shape + (num_bases,))
+        for r, value in enumerate(_local_bases(position, k)):
+            bases.scatter_add_(-1, indices[r], (value * valid[r]).unsqueeze(-1))
+        ctx.save_for_backward(position, knot_step, *indices, *valid)
+        ctx.spline_order = k
+        return bases
+
+    @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):  # type: ignore[override]
+        k = ctx.spline_order
+        position, knot_step = ctx.saved_tensors[:2]
+        indices, valid = ctx.saved_tensors[2 : 3 + k], ctx.saved_tensors[3 + k :]
+        grad_x = torch.zeros_like(position)
+        if k > 0:
+            # d B_{m-k+r} / dx = (B^{k-1}_{r-1} - B^{k-1}_r) / step, lower-degree bases absent outside r = 0..k-1
+            lower = _local_bases(position, k - 1)
+            for r in range(k + 1):
+                slope = (lower[r - 1] if r > 0 else 0) - (lower[r] if r < k else 0)
+                grad_x += grad.gather(-1, indices[r]).squeeze(-1) * slope * valid[r]
+            grad_x /= knot_step
+        return grad_x, None, None, None, None
+
+
+def even_b_spline_bases(
+    x: torch.Tensor, knot_start: torch.Tensor, knot_step: torch.Tensor, grid_size: int, spline_order: int
+) -> torch.Tensor:
+    """
+    :func:`b_spline_bases` for evenly spaced knots, knot j of feature f being ``knot_start[f] + j * knot_step[f]``
+    (j = 0..grid_size + 2 * spline_order): (..., F) -> (..., F, grid_size + spline_order). Only the
+    ``spline_order + 1`` bases that are non-zero at each input are evaluated, and the backward is analytic.
+    """
+    return _EvenBSplineBases.apply(x, knot_start, knot_step, grid_size, spline_order)
+
+
+class _KnotsMixin(nn.Module):
+    """
+    Keeps ``knot_start`` and ``knot_step`` (per feature, not saved in the state dict) and ``even_knots`` in step
+    with the ``grid`` buffer, for :func:`even_b_spline_bases`: call ``_register_knots()`` after registering
+    ``grid``; loading a state dict or changing the dtype updates them, and so must every other change of the grid.
+    """
+
+    def _register_knots(self) -> None:
+        features = self.grid.shape[0]
+        self.register_buffer("knot_start", torch.zeros(features), persistent=False)
+        self.register_buffer("knot_step", torch.ones(features), persistent=False)
+        self.even_knots = False
+        self._update_knots()
+        self.register_load_state_dict_post_hook(_update_knots_after_load)
+
+    @torch.jit.unused
+    def _update_knots(self) -> None:
+        grid = self.grid
+        if grid.device.type == "meta":  # shapes only (e.g. FLOP counting): nothing to compare
+            self.even_knots = False
+            return
+        steps = grid.diff(dim=1)
+        step = (grid[:, -1] - grid[:, 0]) / steps.shape[1]
+        # even up to the rounding of the grid's dtype: a float32 grid in a double module is not even in double
+        tolerance = 64 * torch.finfo(grid.dtype).eps if grid.is_floating_point() else 0.0
+        self.even_knots = bool(torch.allclose(steps, step.unsqueeze(1), rtol=tolerance, atol=0.0))
+        if self.even_knots:
+            self.knot_start.copy_(grid[:, 0])
+            self.knot_step.copy_(step)
+
+    def _bases(self, x: torch.Tensor) -> torch.Tensor:
+        """B-spline bases of ``x`` (..., F): of evenly spaced knots fast, else by the Cox-de Boor recursion."""
+        if self.even_knots and fast_ops_enabled(x):
+            return even_b_spline_bases(x, self.knot_start, self.knot_step, self.grid_size, self.spline_order)
+        return b_spline_bases(x, self.grid, self.spline_order)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._update_knots()  # a new dtype changes what counts as even
+        return self
+
+
+def _update_knots_after_load(module: _KnotsMixin, incompatible_keys) -> None:
+    module._update_knots()
+
+
+class KANLinear(_KnotsMixin):
     """
     Kolmogorov-Arnold linear layer (Liu et al., arXiv 2404.19756), in the efficient formulation U-KAN uses:
 
@@ -112,6 +244,7 @@ class KANLinear(nn.Module):
         self.spline_order = spline_order
         self.grid_eps = grid_eps
         self.register_buffer("grid", make_uniform_grid(in_features, grid_size, spline_order, grid_range))
+        self._register_knots()
         self.kan_base_weight = nn.Parameter(torch.empty(out_features, in_features))
         self.kan_spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
         self.kan_spline_scaler = nn.Parameter(torch.empty(out_features, in_features))
@@ -130,7 +263,11 @@ class KANLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected the last input dimension to be {self.in_features}, got {x.shape[-1]}.")
-        bases = b_spline_bases(x, self.grid, self.spline_order).flatten(-2)
+        if torch.jit.is_scripting():
+            bases = b_spline_bases(x, self.grid, self.spline_order)
+        else:
+            bases = self._bases(x)
+        bases = bases.flatten(-2)
         spline_weight = self.scaled_spline_weight().flatten(1)
         return F.linear(self.base_act(x), self.kan_base_weight) + F.linear(bases, spline_weight)
 
@@ -167,6 +304,7 @@ class KANLinear(nn.Module):
         coefficients = torch.linalg.pinv(new_bases) @ edge_outputs.transpose(0, 1)
         self.grid.copy_(new_grid)
         self.kan_spline_weight.copy_(coefficients.permute(2, 0, 1))
+        self._update_knots()
 
     def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
         """
@@ -186,7 +324,7 @@ class KANLinear(nn.Module):
         )
 
 
-class KANConv(nn.Module):
+class KANConv(_KnotsMixin):
     """
     KAN convolution for 2D and 3D: every (output channel, input channel, kernel offset) edge carries its own
     learnable function ``w_base * SiLU(x) + sum_j c_j B_j(x)`` of the input value, and a conv output sums these
@@ -266,6 +404,8 @@ class KANConv(nn.Module):
             "groups": groups,
         }
         self.register_buffer("grid", make_uniform_grid(in_channels, grid_size, spline_order, grid_range))
+        self._register_knots()
+        self.grid_size = grid_size
         self.base_act = nn.SiLU()
         self.kan_base_conv = conv_type(in_channels, out_channels, bias=bias, **conv_args)
         self.kan_spline_conv = conv_type(in_channels * self.num_bases, out_channels, bias=False, **conv_args)
@@ -276,5 +416,9 @@ class KANConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}.")
-        bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order).flatten(-2).movedim(-1, 1)
+        if torch.jit.is_scripting():
+            bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order)
+        else:
+            bases = self._bases(x.movedim(1, -1))
+        bases = bases.flatten(-2).movedim(-1, 1)
         return self.kan_base_conv(self.base_act(x)) + self.kan_spline_conv(bases)

@@ -11,6 +11,8 @@ import torch.nn as nn
 from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
+from networks.blocks.fast import FastConv2d, FastConv3d
+
 __all__ = ["StdConv2d", "StdConv3d", "std_conv", "ResNetV2Bottleneck", "ResNetV2"]
 
 
@@ -21,7 +23,7 @@ def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight - mean) / torch.sqrt(var + eps)
 
 
-class StdConv2d(nn.Conv2d):
+class StdConv2d(FastConv2d):
     """2D convolution whose kernel is weight-standardised at every forward pass."""
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
@@ -29,10 +31,10 @@ class StdConv2d(nn.Conv2d):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+        return self.fast_forward(x, standardize_weight(self.weight, self.eps))
 
 
-class StdConv3d(nn.Conv3d):
+class StdConv3d(FastConv3d):
     """3D convolution whose kernel is weight-standardised at every forward pass."""
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
@@ -40,7 +42,7 @@ class StdConv3d(nn.Conv3d):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+        return self.fast_forward(x, standardize_weight(self.weight, self.eps))
 
 
 def std_conv(

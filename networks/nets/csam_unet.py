@@ -5,23 +5,14 @@ from collections.abc import Sequence
 from typing import List, Optional, Tuple
 
 import torch
-from monai.networks.blocks import Convolution, UpSample
+from monai.networks.blocks import UpSample
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
+from networks.blocks.common import ConvBlock
 from networks.blocks.csam import CSAM
 
 __all__ = ["CSAMUNet"]
-
-
-class ConvBlock(nn.Sequential):
-    """Two 3x3 convolutions, each followed by normalisation and activation."""
-
-    def __init__(self, in_channels: int, out_channels: int, act: str | tuple, norm: str | tuple, bias: bool) -> None:
-        super().__init__(
-            Convolution(2, in_channels, out_channels, kernel_size=3, act=act, norm=norm, bias=bias),
-            Convolution(2, out_channels, out_channels, kernel_size=3, act=act, norm=norm, bias=bias),
-        )
 
 
 class EncoderLevel(nn.Module):
@@ -58,7 +49,7 @@ class UpBlock(nn.Module):
             interp_mode="bilinear",
             align_corners=True,
         )
-        self.conv = ConvBlock(out_channels + skip_channels, out_channels, act, norm, bias)
+        self.conv = ConvBlock(2, out_channels + skip_channels, out_channels, norm=norm, act=act, bias=bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([self.up(x), skip], dim=1))
@@ -73,7 +64,7 @@ class CSAMUNet(nn.Module):
     each volume (along the last axis, D) form the batch of a 2D U-Net:
 
     - encoder: per level a ConvBlock (2x [3x3 conv, instance norm, LeakyReLU 0.01]) and 2x2 max pooling, widths
-      ``features``; the last level is the bottleneck (no pooling);
+      ``channels``; the last level is the bottleneck (no pooling);
     - CSAM (semantic, positional and slice attention, see :class:`networks.blocks.csam.CSAM`) on the skip features
       of every encoder level (the pooled path goes on without it) and on the bottleneck output, as in the paper's
       released code; every attention pools per volume, so volumes of a batch never mix;
@@ -91,9 +82,10 @@ class CSAMUNet(nn.Module):
     Args:
         in_channels: number of input channels.
         out_channels: number of output channels (classes).
-        features: widths of the encoder levels, the last one being the bottleneck (paper: ``64 * 2**i`` for 6
-            levels). H and W must be divisible by ``2 ** (len(features) - 1)``, and with instance norm the
-            bottleneck, ``H * W / 4 ** (len(features) - 1)``, needs more than one pixel.
+        channels: widths of the encoder levels, the last one being the bottleneck (the released code's
+            ``base_num * 2**i`` for ``num_layers`` levels; paper: base 64, 6 levels). H and W must be divisible by
+            ``2 ** (len(channels) - 1)`` (the ``size_divisor`` attribute is ``(d, d, 1)`` for H, W, D), and with
+            instance norm the bottleneck, ``H * W / 4 ** (len(channels) - 1)``, needs more than one pixel.
         use_csam: apply CSAM; ``False`` gives the plain 2D U-Net.
         semantic: use CSAM's semantic (channel) attention.
         positional: use CSAM's positional (spatial) attention.
@@ -115,7 +107,7 @@ class CSAMUNet(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        features: Sequence[int] = (32, 64, 128, 256, 512),
+        channels: Sequence[int] = (32, 64, 128, 256, 512),
         use_csam: bool = True,
         semantic: bool = True,
         positional: bool = True,
@@ -132,14 +124,16 @@ class CSAMUNet(nn.Module):
         super().__init__()
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}.")
-        features = tuple(int(f) for f in features)
+        features = tuple(int(f) for f in channels)
         if len(features) < 2 or min(features) < 1:
-            raise ValueError(f"features needs at least two positive widths, got {features}.")
+            raise ValueError(f"channels needs at least two positive widths, got {features}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
 
         self.out_channels = out_channels
-        self.divisor = 2 ** (len(features) - 1)
+        self.spatial_dims = 3
+        divisor = 2 ** (len(features) - 1)
+        self.size_divisor = (divisor, divisor, 1)
         self.stochastic = use_csam and slice_attention and uncertainty
 
         encoder = []
@@ -157,7 +151,8 @@ class CSAMUNet(nn.Module):
                     reduction=reduction,
                     slice_kernel_size=slice_kernel_size,
                 )
-            conv = ConvBlock(in_channels if level == 0 else features[level - 1], width, act, norm, bias)
+            level_in = in_channels if level == 0 else features[level - 1]
+            conv = ConvBlock(2, level_in, width, norm=norm, act=act, bias=bias)
             encoder.append(EncoderLevel(conv, csam))
         self.encoder = nn.ModuleList(encoder)
         self.pool = Pool[Pool.MAX, 2](kernel_size=2)
@@ -178,11 +173,11 @@ class CSAMUNet(nn.Module):
         if x.dim() != 5:
             raise ValueError("CSAMUNet expects a (B, C, H, W, D) tensor, got shape " + str(list(x.shape)) + ".")
         volumes, channels, height, width, slices = x.shape
-        if height % self.divisor != 0 or width % self.divisor != 0:
+        if height % self.size_divisor[0] != 0 or width % self.size_divisor[1] != 0:
             raise ValueError(
                 "H and W must be divisible by "
-                + str(self.divisor)
-                + " (2 ** (len(features) - 1)), got "
+                + str(self.size_divisor[0])
+                + " (2 ** (len(channels) - 1)), got "
                 + str([height, width])
                 + "; pad the input in-plane."
             )

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Act, Norm
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from networks.blocks.common import ChannelLayerNorm, ConvBlock
 from networks.blocks.dff import DFF
-from networks.blocks.dlk import ChannelLayerNorm, DepthwiseConvMlp, DLKBlock
+from networks.blocks.dlk import DepthwiseConvMlp, DLKBlock
+from networks.blocks.fast import fast_conv_transpose_type, fast_conv_type, to_channels_last
 
 __all__ = ["DNet", "SalienceLayer"]
 
@@ -25,7 +26,7 @@ class SalienceLayer(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: int, shared_norm: bool = False) -> None:
         super().__init__()
-        self.embed = Conv[Conv.CONV, spatial_dims](in_channels, channels, kernel_size=3, padding=1)
+        self.embed = fast_conv_type(spatial_dims)(in_channels, channels, kernel_size=3, padding=1)
         self.embed_norm = Norm[Norm.BATCH, spatial_dims](channels)
         self.act = Act[Act.LEAKYRELU](negative_slope=0.2)
         # None: the mixer reuses the embedding's BatchNorm, as the official code does.
@@ -45,7 +46,7 @@ class DNet(nn.Module):
     Segmentation", arXiv 2403.10674; Biomedical Signal Processing and Control 113 (2026) 108837), following the
     journal version and the official code (github.com/sotiraslab/DLK, HEAD).
 
-    Structure, for widths F0..F4:
+    Structure, for widths ``channels`` = F0..F4 (the official code's ``feat_size``):
 
     - Encoder: a 7-kernel stride-2 conv stem (F0 @ 1/2), then four 3-kernel stride-2 convs (F1..F4 @ 1/4..1/32);
       every level is followed by a channel LayerNorm and ``depths[i]`` DLK blocks.
@@ -55,14 +56,14 @@ class DNet(nn.Module):
     - Full resolution: a transposed conv F0 -> F0, DFF with the salience features, two conv3 + BN + LeakyReLU(0.2)
       layers, dropout, and a 1x1 output conv.
 
-    Defaults are the paper's configuration: ``DNet(1, 16)`` has 39,292,518 parameters; with
+    Defaults are the paper's configuration: ``DNet(3, 1, 16)`` has 39,292,518 parameters; with
     ``per_branch_selection=False, shared_norm=True`` (the official code) it has 39,279,174, the official count.
 
     Args:
+        spatial_dims: number of spatial dimensions, 3 (the paper) or 2.
         in_channels: number of input channels.
         out_channels: number of output channels (classes).
-        spatial_dims: number of spatial dimensions, 3 (the paper) or 2.
-        feature_sizes: widths of the five levels (1/2 to 1/32 resolution); each must be even.
+        channels: widths of the five levels (1/2 to 1/32 resolution), the paper's ``feat_size``; each must be even.
         depths: number of DLK blocks per level, one int for all levels or five ints. The decoder level at a
             resolution uses the depth of the encoder level at that resolution.
         drop_path_rate: stochastic depth rate, rising linearly from 0 over the encoder's DLK blocks and again
@@ -80,9 +81,10 @@ class DNet(nn.Module):
         use_checkpointing: if True, recompute the DLK blocks' activations in the backward pass during training
             (torch.utils.checkpoint), trading compute for much less activation memory; results are unchanged.
 
-    Input: (B, in_channels, H, W[, D]) with every spatial size divisible by 32 (otherwise ``ValueError``; pad the
-    input, e.g. with MONAI ``DivisiblePad``). Output: (B, out_channels, H, W[, D]), or in training with deep
-    supervision a list of five tensors (B, out_channels, H / 2**k, W / 2**k[, D / 2**k]), k = 0..4.
+    Input: (B, in_channels, H, W[, D]) with every spatial size divisible by 32, the ``size_divisor`` attribute
+    (otherwise ``ValueError``; pad the input, e.g. with MONAI ``DivisiblePad(k=net.size_divisor)``).
+    Output: (B, out_channels, H, W[, D]), or in training with deep supervision a list of five tensors
+    (B, out_channels, H / 2**k, W / 2**k[, D / 2**k]), k = 0..4.
 
     The network scripts with ``torch.jit.script`` (forward returns ``Union[Tensor, List[Tensor]]``; the eval path
     always gives a Tensor) and traces in eval mode. Scripted modules skip activation checkpointing.
@@ -90,10 +92,10 @@ class DNet(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_channels: int,
         out_channels: int,
-        spatial_dims: int = 3,
-        feature_sizes: Sequence[int] = (48, 96, 192, 384, 768),
+        channels: Sequence[int] = (48, 96, 192, 384, 768),
         depths: Sequence[int] | int = 2,
         drop_path_rate: float = 0.0,
         layer_scale_init: float = 1e-6,
@@ -108,8 +110,8 @@ class DNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}.")
-        if len(feature_sizes) != NUM_LEVELS or any(f < 2 or f % 2 != 0 for f in feature_sizes):
-            raise ValueError(f"feature_sizes must be {NUM_LEVELS} positive even ints, got {feature_sizes}.")
+        if len(channels) != NUM_LEVELS or any(f < 2 or f % 2 != 0 for f in channels):
+            raise ValueError(f"channels must be {NUM_LEVELS} positive even ints, got {channels}.")
         depths = ensure_tuple_rep(depths, NUM_LEVELS)
         if any(d < 1 for d in depths):
             raise ValueError(f"depths must be positive, got {depths}.")
@@ -121,10 +123,10 @@ class DNet(nn.Module):
             raise ValueError(f"layer_scale_init must be positive, got {layer_scale_init}.")
         self.spatial_dims = spatial_dims
         self.deep_supervision = deep_supervision
-        self.size_divisor = SIZE_DIVISOR
-        widths = tuple(feature_sizes)
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        up_conv_type = Conv[Conv.CONVTRANS, spatial_dims]
+        self.size_divisor = (SIZE_DIVISOR,) * spatial_dims
+        widths = tuple(channels)
+        conv_type = fast_conv_type(spatial_dims)
+        up_conv_type = fast_conv_transpose_type(spatial_dims)
 
         def dlk_stage(channels: int, rates: Sequence[float]) -> nn.Sequential:
             return nn.Sequential(
@@ -174,9 +176,8 @@ class DNet(nn.Module):
         # Full resolution: fuse with the salience features, refine, classify.
         self.final_upsample = up_conv_type(widths[0], widths[0], kernel_size=2, stride=2)
         self.final_fusion = DFF(spatial_dims, widths[0])
-        conv_bn_lrelu = {"kernel_size": 3, "act": ("leakyrelu", {"negative_slope": 0.2}), "norm": "batch"}
-        self.final_block = nn.Sequential(
-            *[Convolution(spatial_dims, widths[0], widths[0], **conv_bn_lrelu) for _ in range(2)]
+        self.final_block = ConvBlock(
+            spatial_dims, widths[0], widths[0], norm="batch", act=("leakyrelu", {"negative_slope": 0.2})
         )
         self.dropout = nn.Dropout(dropout)
         self.output = conv_type(widths[0], out_channels, kernel_size=1)
@@ -186,10 +187,11 @@ class DNet(nn.Module):
             raise ValueError(
                 f"DNet expects a (B, C, *spatial) input with {self.spatial_dims} spatial dims, got shape {x.shape}."
             )
-        for size in x.shape[2:]:
-            if size % self.size_divisor != 0:
+        divisors = [d for d in self.size_divisor]  # a list: TorchScript cannot zip or index a tuple attribute
+        for size, divisor in zip(x.shape[2:], divisors):
+            if size % divisor != 0:
                 raise ValueError(
-                    f"DNet needs every spatial size divisible by {self.size_divisor}, got {x.shape[2:]}; pad the input."
+                    f"DNet needs every spatial size divisible by {divisor}, got {x.shape[2:]}; pad the input."
                 )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -197,6 +199,8 @@ class DNet(nn.Module):
         if not torch.jit.is_tracing():
             self._check_input(x)
         with_heads = self.deep_supervision and self.training
+        if not torch.jit.is_scripting():
+            x = to_channels_last(x)  # the layout the CPU kernels are fastest in; see networks.blocks.fast
 
         salience = self.salience(x)
         skips: list[torch.Tensor] = []
@@ -211,10 +215,10 @@ class DNet(nn.Module):
         ):
             x = stage(fusion(norm(up(x)), skips.pop()))
             if with_heads:
-                outputs.append(head(self.dropout(x)))
+                outputs.append(head(self.dropout(x)).contiguous())
 
         x = self.final_block(self.final_fusion(self.final_upsample(x), salience))
-        x = self.output(self.dropout(x))
+        x = self.output(self.dropout(x)).contiguous()
         if with_heads:
             outputs.append(x)
             outputs.reverse()

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
-from monai.networks.layers.factories import Conv
 from monai.utils import ensure_tuple_rep
 
+from networks.blocks.fast import FastConv2d, to_channels_last
 from networks.blocks.resnetv2 import ResNetV2
 from networks.blocks.vit import GridPositionEmbedding, ViTEncoder
 from networks.nets.transunet_weights import load_vit_r50_npz
@@ -115,7 +115,9 @@ class TransUNet(nn.Module):
             official code; 0.0 in the official configuration.
         dropout: dropout before the segmentation head, e.g. for Monte-Carlo sampling; 0.0 by default.
 
-    Input ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by 16; output ``(B, out_channels, H, W)`` logits.
+    Input ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by 16 (the ``size_divisor`` attribute,
+    ``(16, 16)``); output ``(B, out_channels, H, W)`` logits. TransUNet is 2D (``spatial_dims`` attribute 2), so it
+    takes no ``spatial_dims`` argument; run it slice by slice on volumes (MONAI ``SliceInferer``).
 
     TorchScript: ``torch.jit.script`` works; inside scripted code a bad input size raises ``torch.jit.Error``
     whose message starts with ``ValueError``.
@@ -159,10 +161,11 @@ class TransUNet(nn.Module):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}.")
         self.n_skip = n_skip
-        self.encoder_stride = ENCODER_STRIDE
+        self.spatial_dims = 2
+        self.size_divisor = (ENCODER_STRIDE, ENCODER_STRIDE)
 
         self.resnet = ResNetV2(2, in_channels, resnet_block_units, resnet_width_factor)
-        self.patch_embedding = Conv[Conv.CONV, 2](self.resnet.out_channels[-1], hidden_size, kernel_size=1)
+        self.patch_embedding = FastConv2d(self.resnet.out_channels[-1], hidden_size, kernel_size=1)
         self.position_embedding = GridPositionEmbedding([s // ENCODER_STRIDE for s in img_size], hidden_size)
         self.embedding_dropout = nn.Dropout(dropout_rate)
         # the official port drops the attention output at the attention-dropout rate, not at dropout_rate as ViT
@@ -180,12 +183,14 @@ class TransUNet(nn.Module):
         skip_channels += [0] * (len(decoder_channels) - n_skip)
         self.decoder = CascadedUpsampler(hidden_size, decoder_head_channels, decoder_channels, skip_channels)
         self.dropout = nn.Dropout(dropout)
-        self.head = Conv[Conv.CONV, 2](decoder_channels[-1], out_channels, kernel_size=3, padding=1)
+        self.head = FastConv2d(decoder_channels[-1], out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self.encoder_stride
-        if x.dim() != 4 or x.shape[2] % stride != 0 or x.shape[3] % stride != 0:
-            raise ValueError(f"TransUNet expects input (B, C, H, W) with H and W divisible by {stride}, got {x.shape}.")
+        h, w = self.size_divisor
+        if x.dim() != 4 or x.shape[2] % h != 0 or x.shape[3] % w != 0:
+            raise ValueError(f"TransUNet expects input (B, C, H, W), H divisible by {h} and W by {w}, got {x.shape}.")
+        if not torch.jit.is_scripting():
+            x = to_channels_last(x)  # the layout the CPU kernels are fastest in; see networks.blocks.fast
         features = self.resnet(x)
         grid = self.patch_embedding(features[-1])
         tokens = self.transformer(self.embedding_dropout(self.position_embedding(grid)))
@@ -193,7 +198,7 @@ class TransUNet(nn.Module):
 
         skips = [features[len(features) - 2 - i] for i in range(self.n_skip)]
         x = self.decoder(x, skips)
-        return self.head(self.dropout(x))
+        return self.head(self.dropout(x)).contiguous()
 
     def load_from_npz(self, path: str | os.PathLike) -> list[str]:
         """Load Google's ImageNet-21k ``R50+ViT-B_16.npz`` into the encoder; see :func:`load_vit_r50_npz`."""

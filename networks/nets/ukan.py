@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath, trunc_normal_
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-from networks.blocks.dlk import ChannelLayerNorm
+from networks.blocks.common import ChannelLayerNorm, ConvBlock
+from networks.blocks.fast import fast_conv_type, to_channels_last
 from networks.blocks.kan import KANConv, KANLinear
 
 __all__ = ["KANBlock", "TokenShift", "UKAN", "ukan_param_groups"]
@@ -32,29 +33,6 @@ def _init_conv_fan_out(conv: nn.Module) -> None:
     nn.init.normal_(conv.weight, 0.0, (2.0 / fan_out) ** 0.5)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
-
-
-class ConvBlock(nn.Sequential):
-    """Two (conv 3 + norm + act) layers, in -> mid -> out channels."""
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        mid_channels: int,
-        out_channels: int,
-        norm: str | tuple = "batch",
-        act: str | tuple = "relu",
-    ) -> None:
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        super().__init__(
-            conv_type(in_channels, mid_channels, kernel_size=3, padding=1),
-            get_norm_layer(norm, spatial_dims, mid_channels),
-            get_act_layer(act),
-            conv_type(mid_channels, out_channels, kernel_size=3, padding=1),
-            get_norm_layer(norm, spatial_dims, out_channels),
-            get_act_layer(act),
-        )
 
 
 class TokenShift(nn.Module):
@@ -115,7 +93,7 @@ class DepthwiseConvNormAct(nn.Sequential):
                 spline_order=spline_order,
             )
         else:
-            conv = Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, groups=channels)
+            conv = fast_conv_type(spatial_dims)(channels, channels, kernel_size=3, padding=1, groups=channels)
             _init_conv_fan_out(conv)
         super().__init__(conv, get_norm_layer(norm, spatial_dims, channels), get_act_layer(act))
 
@@ -222,7 +200,7 @@ class TokenizedKANStage(nn.Sequential):
     ) -> None:
         layers: list[nn.Module] = []
         if in_channels is not None:
-            embed = Conv[Conv.CONV, spatial_dims](in_channels, channels, kernel_size=3, stride=2, padding=1)
+            embed = fast_conv_type(spatial_dims)(in_channels, channels, kernel_size=3, stride=2, padding=1)
             _init_conv_fan_out(embed)
             layers += [embed, ChannelLayerNorm(channels, eps=LAYER_NORM_EPS)]
         layers += [KANBlock(spatial_dims, channels, drop_path=rate, **block_args) for rate in drop_paths]
@@ -236,7 +214,7 @@ class UKAN(nn.Module):
     arXiv 2406.02918), for 2D images and 3D volumes, following the official segmentation code
     (github.com/CUHK-AIM-Group/U-KAN, ``Seg_UKAN``).
 
-    Structure, for ``embed_dims = (E0, E1, E2)``:
+    Structure, for ``channels = (E0, E1, E2)`` (the official code's ``embed_dims``):
 
     - Convolution phase: three blocks of 2x (conv 3 + norm + act), each followed by a 2x max-pool:
       E0/8 @ 1/2, E0/4 @ 1/4, E0 @ 1/8 (the skips t1, t2, t3).
@@ -266,14 +244,15 @@ class UKAN(nn.Module):
     ``dropout`` acts before the head (the official dropout module is never applied); the drop-path schedule is
     the one described under ``drop_path_rate``.
 
-    Spatial sizes must be divisible by 32. The KANLinear and KANConv parameters all have ``kan`` in their names;
-    :func:`ukan_param_groups` builds the paper's optimizer parameter groups.
+    Spatial sizes must be divisible by 32 (the ``size_divisor`` attribute). The KANLinear and KANConv parameters
+    all have ``kan`` in their names; :func:`ukan_param_groups` builds the paper's optimizer parameter groups.
 
     Args:
         spatial_dims: number of spatial dimensions, 2 (the paper) or 3.
         in_channels: number of input channels.
         out_channels: number of output channels (classes); the paper uses 1 with a sigmoid for binary tasks.
-        embed_dims: widths (E0, E1, E2) at 1/8, 1/16 and 1/32 resolution; E0 must be divisible by 8.
+        channels: widths (E0, E1, E2) at 1/8, 1/16 and 1/32 resolution, the paper's ``embed_dims``; E0 must be
+            divisible by 8.
             The paper trained (128, 160, 256); the official constructor's default is (256, 320, 512) (25.4 M).
         depths: number of KAN blocks at 1/8 (decoder only), 1/16 (encoder and decoder each) and 1/32.
         drop_path_rate: stochastic depth rate, rising linearly from 0 over the encoder's KAN blocks (1/16, then
@@ -297,7 +276,7 @@ class UKAN(nn.Module):
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
-        embed_dims: Sequence[int] = (128, 160, 256),
+        channels: Sequence[int] = (128, 160, 256),
         depths: Sequence[int] = (1, 1, 1),
         drop_path_rate: float = 0.0,
         dropout: float = 0.0,
@@ -315,16 +294,17 @@ class UKAN(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}.")
-        if len(embed_dims) != 3 or min(embed_dims) < 1 or embed_dims[0] % 8:
-            raise ValueError(f"embed_dims must be 3 positive widths, the first divisible by 8, got {embed_dims}.")
+        if len(channels) != 3 or min(channels) < 1 or channels[0] % 8:
+            raise ValueError(f"channels must be 3 positive widths, the first divisible by 8, got {channels}.")
         if len(depths) != 3 or min(depths) < 1:
             raise ValueError(f"depths must be 3 positive block counts, got {depths}.")
         if not 0.0 <= drop_path_rate <= 1.0 or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"drop_path_rate and dropout must be in [0, 1], got {drop_path_rate}, {dropout}.")
         if token_shift and (shift_size < 1 or shift_size % 2 == 0):
             raise ValueError(f"shift_size must be a positive odd number, got {shift_size}.")
-        self.size_divisor = SIZE_DIVISOR
-        e0, e1, e2 = embed_dims
+        self.spatial_dims = spatial_dims
+        self.size_divisor = (SIZE_DIVISOR,) * spatial_dims
+        e0, e1, e2 = channels
         block_args = {
             "use_kan": use_kan,
             "token_shift": token_shift,
@@ -338,28 +318,31 @@ class UKAN(nn.Module):
         encoder_rates = torch.linspace(0, drop_path_rate, depths[1] + depths[2]).tolist()
         decoder_rates = torch.linspace(drop_path_rate, 0, depths[1] + depths[0]).tolist()
 
-        self.encoder1 = ConvBlock(spatial_dims, in_channels, e0 // 8, e0 // 8, norm, act)
-        self.encoder2 = ConvBlock(spatial_dims, e0 // 8, e0 // 4, e0 // 4, norm, act)
-        self.encoder3 = ConvBlock(spatial_dims, e0 // 4, e0, e0, norm, act)
+        self.encoder1 = ConvBlock(spatial_dims, in_channels, e0 // 8, norm=norm, act=act)
+        self.encoder2 = ConvBlock(spatial_dims, e0 // 8, e0 // 4, norm=norm, act=act)
+        self.encoder3 = ConvBlock(spatial_dims, e0 // 4, e0, norm=norm, act=act)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2)
         self.encoder4 = TokenizedKANStage(spatial_dims, e0, e1, encoder_rates[: depths[1]], **block_args)
         self.bottleneck = TokenizedKANStage(spatial_dims, e1, e2, encoder_rates[depths[1] :], **block_args)
 
         self.upsample = nn.Upsample(scale_factor=2, mode="bilinear" if spatial_dims == 2 else "trilinear")
-        self.decoder1 = ConvBlock(spatial_dims, e2, e2, e1, norm, act)
+        self.decoder1 = ConvBlock(spatial_dims, e2, e1, mid_channels=e2, norm=norm, act=act)
         self.decoder_blocks1 = TokenizedKANStage(spatial_dims, None, e1, decoder_rates[: depths[1]], **block_args)
-        self.decoder2 = ConvBlock(spatial_dims, e1, e1, e0, norm, act)
+        self.decoder2 = ConvBlock(spatial_dims, e1, e0, mid_channels=e1, norm=norm, act=act)
         self.decoder_blocks2 = TokenizedKANStage(spatial_dims, None, e0, decoder_rates[depths[1] :], **block_args)
-        self.decoder3 = ConvBlock(spatial_dims, e0, e0, e0 // 4, norm, act)
-        self.decoder4 = ConvBlock(spatial_dims, e0 // 4, e0 // 4, e0 // 8, norm, act)
-        self.decoder5 = ConvBlock(spatial_dims, e0 // 8, e0 // 8, e0 // 8, norm, act)
+        self.decoder3 = ConvBlock(spatial_dims, e0, e0 // 4, mid_channels=e0, norm=norm, act=act)
+        self.decoder4 = ConvBlock(spatial_dims, e0 // 4, e0 // 8, mid_channels=e0 // 4, norm=norm, act=act)
+        self.decoder5 = ConvBlock(spatial_dims, e0 // 8, e0 // 8, norm=norm, act=act)
         self.dropout = nn.Dropout(dropout)
-        self.head = Conv[Conv.CONV, spatial_dims](e0 // 8, out_channels, kernel_size=1)
+        self.head = fast_conv_type(spatial_dims)(e0 // 8, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for size in x.shape[2:]:
-            if size % self.size_divisor != 0:
-                raise ValueError(f"spatial sizes must be divisible by {self.size_divisor}, got {x.shape[2:]}.")
+        divisors = [d for d in self.size_divisor]  # a list: TorchScript cannot zip or index a tuple attribute
+        for size, divisor in zip(x.shape[2:], divisors):
+            if size % divisor != 0:
+                raise ValueError(f"spatial sizes must be divisible by {divisor}, got {x.shape[2:]}.")
+        if not torch.jit.is_scripting():
+            x = to_channels_last(x)  # the layout the CPU kernels are fastest in; see networks.blocks.fast
         t1 = self.pool(self.encoder1(x))
         t2 = self.pool(self.encoder2(t1))
         t3 = self.pool(self.encoder3(t2))
@@ -371,7 +354,7 @@ class UKAN(nn.Module):
         x = self.upsample(self.decoder3(x)) + t2
         x = self.upsample(self.decoder4(x)) + t1
         x = self.upsample(self.decoder5(x))
-        return self.head(self.dropout(x))
+        return self.head(self.dropout(x)).contiguous()
 
     def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
         """Sum of the KANLinear spline regularisers (zero without KAN layers); the paper does not use it."""

@@ -25,7 +25,7 @@ CSAM_CASES = [
 
 
 def _net_args(**overrides) -> dict:
-    return {"in_channels": 1, "out_channels": 2, "features": TINY, **overrides}
+    return {"in_channels": 1, "out_channels": 2, "channels": TINY, **overrides}
 
 
 NET_CASES = [
@@ -34,7 +34,7 @@ NET_CASES = [
     [_net_args(use_csam=False), (2, 1, 8, 8, 4), (2, 2, 8, 8, 4)],
     [_net_args(uncertainty=False), (1, 1, 8, 8, 4), (1, 2, 8, 8, 4)],
     [_net_args(slice_attention=False), (1, 1, 8, 8, 2), (1, 2, 8, 8, 2)],
-    [_net_args(features=(4, 8), semantic=False, positional=False), (1, 1, 2, 6, 3), (1, 2, 2, 6, 3)],
+    [_net_args(channels=(4, 8), semantic=False, positional=False), (1, 1, 2, 6, 3), (1, 2, 2, 6, 3)],
     [_net_args(dropout=0.3, rank=1, slice_kernel_size=1), (1, 1, 8, 4, 3), (1, 2, 8, 4, 3)],
 ]
 
@@ -120,14 +120,14 @@ class TestCSAMUNet:
             assert net(torch.randn(input_shape)).shape == expected_shape
 
     def test_any_slice_count_same_instance(self):
-        net = CSAMUNet(1, 3, features=TINY).eval()
+        net = CSAMUNet(1, 3, channels=TINY).eval()
         with torch.no_grad():
             for slices in (1, 11, 20):
                 assert net(torch.randn(2, 1, 8, 12, slices)).shape == (2, 3, 8, 12, slices)
             assert net(torch.randn(1, 1, 8, 4, 200)).shape == (1, 3, 8, 4, 200)
 
     def test_single_channel_single_slice(self):
-        net = CSAMUNet(1, 1, features=(1, 2)).train()
+        net = CSAMUNet(1, 1, channels=(1, 2)).train()
         out = net(torch.randn(1, 1, 4, 4, 1))
         assert out.shape == (1, 1, 4, 4, 1)
         out.sum().backward()
@@ -136,19 +136,19 @@ class TestCSAMUNet:
             assert torch.isfinite(net(torch.randn(1, 1, 4, 4, 1))).all()
 
     def test_volumes_do_not_mix(self):
-        net = CSAMUNet(1, 2, features=TINY).eval()
+        net = CSAMUNet(1, 2, channels=TINY).eval()
         x = torch.randn(2, 1, 8, 8, 6)
         with torch.no_grad():
             torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-5, atol=1e-5)
 
     def test_eval_is_deterministic(self):
-        net = CSAMUNet(1, 2, features=TINY, uncertainty=True).eval()
+        net = CSAMUNet(1, 2, channels=TINY, uncertainty=True).eval()
         x = torch.randn(1, 1, 8, 8, 7)
         with torch.no_grad():
             assert torch.equal(net(x), net(x))
 
     def test_training_samples_and_trains_slice_attention(self):
-        net = CSAMUNet(1, 2, features=TINY, uncertainty=True).train()
+        net = CSAMUNet(1, 2, channels=TINY, uncertainty=True).train()
         x = torch.randn(2, 1, 8, 8, 7)
         with torch.no_grad():
             assert not torch.equal(net(x), net(x))
@@ -163,7 +163,7 @@ class TestCSAMUNet:
 
     @parameterized.expand([[3], [1]])
     def test_monte_carlo(self, out_channels):
-        net = CSAMUNet(1, out_channels, features=TINY).eval()
+        net = CSAMUNet(1, out_channels, channels=TINY).eval()
         x = torch.randn(2, 1, 8, 8, 5)
         mean, entropy = net.predict_with_uncertainty(x, num_samples=4)
         assert mean.shape == (2, out_channels, 8, 8, 5) and entropy.shape == (2, 1, 8, 8, 5)
@@ -183,16 +183,16 @@ class TestCSAMUNet:
     def test_monte_carlo_errors(self):
         x = torch.randn(1, 1, 4, 4, 2)
         with pytest.raises(ValueError):
-            CSAMUNet(1, 2, features=(2, 4), uncertainty=False).predict_with_uncertainty(x, 2)
-        net = CSAMUNet(1, 2, features=(2, 4))
+            CSAMUNet(1, 2, channels=(2, 4), uncertainty=False).predict_with_uncertainty(x, 2)
+        net = CSAMUNet(1, 2, channels=(2, 4))
         with pytest.raises(ValueError):
             net.predict_with_uncertainty(x, 0)
         with pytest.raises(ValueError):
             net.predict_with_uncertainty(x, 2, "mutual_info")
 
     def test_parameter_counts(self):
-        with_csam = CSAMUNet(1, 3, features=(16, 32, 64, 128))
-        without = CSAMUNet(1, 3, features=(16, 32, 64, 128), use_csam=False)
+        with_csam = CSAMUNet(1, 3, channels=(16, 32, 64, 128))
+        without = CSAMUNet(1, 3, channels=(16, 32, 64, 128), use_csam=False)
         assert _count(without, "csam") == 0 and _count(without, "slice") == 0
         assert _count(without) == 535_539
         assert _count(with_csam) == 548_210
@@ -202,11 +202,11 @@ class TestCSAMUNet:
 
     def test_host_matches_released_unet(self):
         # the released 5-level, base-64 host U-Net counted without CSAM: 34.72 M - 0.208 M
-        assert _count(CSAMUNet(1, 3, features=(64, 128, 256, 512, 1024), use_csam=False)) == 34_512_323
+        assert _count(CSAMUNet(1, 3, channels=(64, 128, 256, 512, 1024), use_csam=False)) == 34_512_323
 
     @parameterized.expand(
         [
-            [{"in_channels": 1, "out_channels": 2, "features": (8,)}],
+            [{"in_channels": 1, "out_channels": 2, "channels": (8,)}],
             [{"in_channels": 0, "out_channels": 2}],
             [{"in_channels": 1, "out_channels": 2, "dropout": 1.0}],
         ]
@@ -216,7 +216,7 @@ class TestCSAMUNet:
             CSAMUNet(**args)
 
     def test_bad_inputs(self):
-        net = CSAMUNet(1, 2, features=TINY)
+        net = CSAMUNet(1, 2, channels=TINY)
         with pytest.raises(ValueError, match="divisible by 4"):
             net(torch.randn(1, 1, 6, 8, 3))
         with pytest.raises(ValueError):
@@ -224,7 +224,7 @@ class TestCSAMUNet:
 
     @parameterized.expand([[True], [False]])
     def test_torchscript(self, use_csam):
-        net = CSAMUNet(1, 2, features=TINY, use_csam=use_csam, dropout=0.1).eval()
+        net = CSAMUNet(1, 2, channels=TINY, use_csam=use_csam, dropout=0.1).eval()
         scripted = torch.jit.script(net)
         x = torch.randn(2, 1, 8, 8, 3)
         with torch.no_grad():

@@ -59,20 +59,24 @@ def test_block_bad_args(block, spatial_dims, channels):
 
 
 NET_CASES = [
-    [{"in_channels": 1, "out_channels": 3}, (1, 1, 32, 32, 32), (1, 3, 32, 32, 32)],
+    [{"spatial_dims": 3, "in_channels": 1, "out_channels": 3}, (1, 1, 32, 32, 32), (1, 3, 32, 32, 32)],
     [
-        {"in_channels": 2, "out_channels": 4, "depths": (1, 1, 2, 1, 1), **OFFICIAL_QUIRKS},
+        {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "depths": (1, 1, 2, 1, 1), **OFFICIAL_QUIRKS},
         (2, 2, 64, 32, 32),
         (2, 4, 64, 32, 32),
     ],
-    [{"in_channels": 1, "out_channels": 2, "deep_supervision": False}, (1, 1, 32, 64, 32), (1, 2, 32, 64, 32)],
-    [{"in_channels": 3, "out_channels": 2, "spatial_dims": 2}, (2, 3, 64, 32), (2, 2, 64, 32)],
+    [
+        {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "deep_supervision": False},
+        (1, 1, 32, 64, 32),
+        (1, 2, 32, 64, 32),
+    ],
+    [{"spatial_dims": 2, "in_channels": 3, "out_channels": 2}, (2, 3, 64, 32), (2, 2, 64, 32)],
 ]
 
 
 @parameterized.expand(NET_CASES)
 def test_dnet_eval_shape(kwargs, input_shape, expected_shape):
-    net = DNet(feature_sizes=TINY, **kwargs)
+    net = DNet(channels=TINY, **kwargs)
     with eval_mode(net):
         out = net(torch.randn(input_shape))
     assert isinstance(out, torch.Tensor) and out.shape == expected_shape
@@ -80,7 +84,7 @@ def test_dnet_eval_shape(kwargs, input_shape, expected_shape):
 
 @parameterized.expand([[3, (1, 1, 64, 32, 32)], [2, (2, 1, 64, 32)]])
 def test_dnet_deep_supervision_outputs(spatial_dims, input_shape):
-    net = DNet(1, 3, spatial_dims=spatial_dims, feature_sizes=TINY)
+    net = DNet(spatial_dims, 1, 3, channels=TINY)
     with train_mode(net):
         outs = net(torch.randn(input_shape))
     assert isinstance(outs, list) and len(outs) == 5
@@ -89,7 +93,7 @@ def test_dnet_deep_supervision_outputs(spatial_dims, input_shape):
 
 
 def test_dnet_without_deep_supervision_returns_tensor_in_training():
-    net = DNet(1, 3, feature_sizes=TINY, deep_supervision=False)
+    net = DNet(3, 1, 3, channels=TINY, deep_supervision=False)
     with train_mode(net):
         out = net(torch.randn(2, 1, 32, 32, 32))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 32, 32, 32)
@@ -97,30 +101,30 @@ def test_dnet_without_deep_supervision_returns_tensor_in_training():
 
 @parameterized.expand([[(1, 1, 32, 32, 40)], [(1, 1, 48, 48, 48)], [(1, 1, 32, 32)]])
 def test_dnet_bad_input_raises(input_shape):
-    net = DNet(1, 2, feature_sizes=TINY)
+    net = DNet(3, 1, 2, channels=TINY)
     with eval_mode(net), pytest.raises(ValueError):
         net(torch.randn(input_shape))
 
 
 @parameterized.expand(
     [
-        [{"feature_sizes": (8, 16, 32, 64)}],
-        [{"feature_sizes": (8, 16, 32, 64, 127)}],
-        [{"feature_sizes": TINY, "depths": (2, 2, 2)}],
-        [{"feature_sizes": TINY, "depths": 0}],
-        [{"feature_sizes": TINY, "spatial_dims": 1}],
-        [{"feature_sizes": TINY, "dropout": 1.5}],
-        [{"feature_sizes": TINY, "drop_path_rate": -0.1}],
+        [{"channels": (8, 16, 32, 64)}],
+        [{"channels": (8, 16, 32, 64, 127)}],
+        [{"channels": TINY, "depths": (2, 2, 2)}],
+        [{"channels": TINY, "depths": 0}],
+        [{"channels": TINY, "spatial_dims": 1}],
+        [{"channels": TINY, "dropout": 1.5}],
+        [{"channels": TINY, "drop_path_rate": -0.1}],
     ]
 )
 def test_dnet_bad_args(kwargs):
     with pytest.raises(ValueError):
-        DNet(1, 2, **kwargs)
+        DNet(**{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, **kwargs})
 
 
 def test_parameter_counts():
-    default = num_params(DNet(in_channels=1, out_channels=16))
-    official = num_params(DNet(in_channels=1, out_channels=16, **OFFICIAL_QUIRKS))
+    default = num_params(DNet(3, 1, 16))
+    official = num_params(DNet(3, 1, 16, **OFFICIAL_QUIRKS))
     assert official == OFFICIAL_PARAMS
     assert default == PAPER_DEFAULT_PARAMS
     assert abs(default - OFFICIAL_PARAMS) <= 0.01 * OFFICIAL_PARAMS
@@ -142,7 +146,7 @@ def test_per_branch_selection_changes_output():
 
 def test_quirk_switches_change_network_output():
     torch.manual_seed(0)
-    nets = [DNet(1, 2, feature_sizes=TINY, layer_scale_init=1.0, per_branch_selection=pb) for pb in (True, False)]
+    nets = [DNet(3, 1, 2, channels=TINY, layer_scale_init=1.0, per_branch_selection=pb) for pb in (True, False)]
     nets[1].load_state_dict(nets[0].state_dict())
     x = torch.randn(1, 1, 32, 32, 32)
     with eval_mode(*nets):
@@ -151,7 +155,7 @@ def test_quirk_switches_change_network_output():
 
 def test_gradient_reaches_every_parameter():
     torch.manual_seed(0)
-    net = DNet(1, 2, feature_sizes=TINY, drop_path_rate=0.1, dropout=0.1)
+    net = DNet(3, 1, 2, channels=TINY, drop_path_rate=0.1, dropout=0.1)
     with train_mode(net):
         outs = net(torch.randn(2, 1, 32, 32, 32))
     sum(out.mean() for out in outs).backward()
@@ -161,8 +165,8 @@ def test_gradient_reaches_every_parameter():
 
 def test_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    plain = DNet(1, 2, feature_sizes=TINY, layer_scale_init=0.5, drop_path_rate=0.2)
-    checkpointed = DNet(1, 2, feature_sizes=TINY, layer_scale_init=0.5, drop_path_rate=0.2, use_checkpointing=True)
+    plain = DNet(3, 1, 2, channels=TINY, layer_scale_init=0.5, drop_path_rate=0.2)
+    checkpointed = DNet(3, 1, 2, channels=TINY, layer_scale_init=0.5, drop_path_rate=0.2, use_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 32, 32, 32)
     grads, dlk_calls = [], []
@@ -184,7 +188,7 @@ def test_checkpointing_gives_same_gradients():
 @parameterized.expand([[{}], [OFFICIAL_QUIRKS]])
 def test_torchscript_and_trace_match_eager(quirks):
     torch.manual_seed(0)
-    net = DNet(1, 3, feature_sizes=TINY, layer_scale_init=0.5, dropout=0.2, **quirks)
+    net = DNet(3, 1, 3, channels=TINY, layer_scale_init=0.5, dropout=0.2, **quirks)
     x = torch.randn(1, 1, 32, 32, 32)
     with eval_mode(net):
         expected = net(x)

@@ -27,7 +27,8 @@ SHAPE_CASES = [
     for options in OPTION_COMBOS
 ]
 
-# Official U-KAN, embed_dims (128, 160, 256), in 3 / out 1: 6,356,689 parameters, 3,993,600 of them in KANLinear.
+# Official U-KAN, embed_dims (here channels) (128, 160, 256), in 3 / out 1: 6,356,689 parameters, 3,993,600 of them in
+# KANLinear.
 PARAM_COUNT_CASES = [
     [{}, 6_356_689, 3_993_600],  # the required 6,356,689 +- 1%: asserted exactly
     [{"token_shift": True}, 6_356_689, 3_993_600],
@@ -206,13 +207,13 @@ class TestTokenShift:
 class TestUKAN:
     @parameterized.expand(SHAPE_CASES)
     def test_shape(self, args, in_shape, out_shape):
-        net = UKAN(embed_dims=SMALL_DIMS, **args)
+        net = UKAN(channels=SMALL_DIMS, **args)
         with eval_mode(net):
             assert net(torch.randn(in_shape)).shape == out_shape
 
     @parameterized.expand(PARAM_COUNT_CASES)
     def test_param_count(self, options, expected, expected_kan):
-        net = UKAN(spatial_dims=2, in_channels=3, out_channels=1, embed_dims=(128, 160, 256), **options)
+        net = UKAN(spatial_dims=2, in_channels=3, out_channels=1, channels=(128, 160, 256), **options)
         assert count(net) == expected
         assert kan_count(net) == expected_kan
 
@@ -220,8 +221,8 @@ class TestUKAN:
         assert count(UKAN(2, 1, 1)) == 6_356_689 - 2 * 16 * 9
 
     def test_use_kan_false_uses_linear(self):
-        kan_net = UKAN(2, 3, 1, embed_dims=SMALL_DIMS)
-        mlp_net = UKAN(2, 3, 1, embed_dims=SMALL_DIMS, use_kan=False)
+        kan_net = UKAN(2, 3, 1, channels=SMALL_DIMS)
+        mlp_net = UKAN(2, 3, 1, channels=SMALL_DIMS, use_kan=False)
         kan_fcs = [m.fc for m in kan_net.modules() if hasattr(m, "fc")]
         mlp_fcs = [m.fc for m in mlp_net.modules() if hasattr(m, "fc")]
         assert len(kan_fcs) == len(mlp_fcs) == 12
@@ -235,7 +236,7 @@ class TestUKAN:
         assert mlp_net.regularization_loss().item() == 0.0
 
     def test_kan_names_and_param_groups(self):
-        net = UKAN(2, 3, 1, embed_dims=SMALL_DIMS, use_kan_conv=True)
+        net = UKAN(2, 3, 1, channels=SMALL_DIMS, use_kan_conv=True)
         kan_ids = {id(p) for m in net.modules() if isinstance(m, (KANLinear, KANConv)) for p in m.parameters()}
         named_kan_ids = {id(p) for name, p in net.named_parameters() if "kan" in name}
         assert kan_ids == named_kan_ids and kan_ids
@@ -249,13 +250,13 @@ class TestUKAN:
         net(torch.randn(2, 3, 32, 32)).mean().backward()
         optimizer.step()
 
-        mlp_groups = ukan_param_groups(UKAN(2, 3, 1, embed_dims=SMALL_DIMS, use_kan=False), 1e-4, 1e-2)
+        mlp_groups = ukan_param_groups(UKAN(2, 3, 1, channels=SMALL_DIMS, use_kan=False), 1e-4, 1e-2)
         assert len(mlp_groups) == 1 and mlp_groups[0]["lr"] == 1e-4
 
     @parameterized.expand([[2, (1, 2, 64, 64)], [3, (1, 2, 32, 32, 32)]])
     def test_script_matches_eager(self, spatial_dims, in_shape):
         options = {"token_shift": True, "use_kan_conv": True, "drop_path_rate": 0.1, "dropout": 0.1}
-        net = UKAN(spatial_dims, 2, 2, embed_dims=SMALL_DIMS, **options)
+        net = UKAN(spatial_dims, 2, 2, channels=SMALL_DIMS, **options)
         x = torch.randn(in_shape)
         with eval_mode(net):
             scripted = torch.jit.script(net)
@@ -268,7 +269,7 @@ class TestUKAN:
     @parameterized.expand([[2, (2, 1, 32, 64)], [3, (2, 1, 32, 32, 32)]])
     def test_gradients_reach_all_parameters(self, spatial_dims, in_shape):
         torch.manual_seed(0)
-        net = UKAN(spatial_dims, 1, 2, embed_dims=SMALL_DIMS, token_shift=True, use_kan_conv=True, depths=(1, 2, 1))
+        net = UKAN(spatial_dims, 1, 2, channels=SMALL_DIMS, token_shift=True, use_kan_conv=True, depths=(1, 2, 1))
         net.train()
         net(torch.randn(in_shape)).square().mean().backward()
         (net.regularization_loss() * 0.0).backward()
@@ -276,27 +277,27 @@ class TestUKAN:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
     def test_depths(self):
-        net = UKAN(3, 1, 1, embed_dims=SMALL_DIMS, depths=(2, 3, 1))
+        net = UKAN(3, 1, 1, channels=SMALL_DIMS, depths=(2, 3, 1))
         stages = (net.encoder4, net.bottleneck, net.decoder_blocks1, net.decoder_blocks2)
         blocks = [sum(isinstance(m, KANBlock) for m in stage.modules()) for stage in stages]
         assert blocks == [3, 1, 3, 2]
 
     def test_regularization_loss(self):
-        net = UKAN(2, 1, 1, embed_dims=SMALL_DIMS)
+        net = UKAN(2, 1, 1, channels=SMALL_DIMS)
         loss = net.regularization_loss()
         assert loss.ndim == 0 and loss.item() > 0 and loss.requires_grad
 
     @parameterized.expand([[(1, 1, 48, 64)], [(1, 1, 64, 64, 40)]])
     def test_size_not_divisible(self, in_shape):
-        net = UKAN(len(in_shape) - 2, 1, 1, embed_dims=SMALL_DIMS)
+        net = UKAN(len(in_shape) - 2, 1, 1, channels=SMALL_DIMS)
         with pytest.raises(ValueError, match="divisible by 32"):
             net(torch.randn(in_shape))
 
     @parameterized.expand(
         [
             [{"spatial_dims": 1}],
-            [{"embed_dims": (12, 24, 32)}],
-            [{"embed_dims": (16, 32)}],
+            [{"channels": (12, 24, 32)}],
+            [{"channels": (16, 32)}],
             [{"depths": (1, 1)}],
             [{"depths": (1, 0, 1)}],
             [{"token_shift": True, "shift_size": 4}],
@@ -304,6 +305,6 @@ class TestUKAN:
         ]
     )
     def test_invalid_args(self, overrides):
-        args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "embed_dims": SMALL_DIMS, **overrides}
+        args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": SMALL_DIMS, **overrides}
         with pytest.raises(ValueError):
             UKAN(**args)
