@@ -21,7 +21,11 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
   failed;
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
-- an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`).
+- an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
+- speed on CPUs: ``parallel_cases`` cases are inferred and postprocessed at once, each in a thread with its share
+  of torch's threads (small 3D convolutions use one core better than two, and one case's Python-bound steps run
+  beside another's network), while one writer thread compresses and syncs the finished cases; ``runtime=
+  "onnxruntime"`` runs the network exported to ONNX (:mod:`bundletools.runtime`).
 """
 
 from __future__ import annotations
@@ -637,7 +641,8 @@ class BatchInference:
                 pass
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
                     "overwrite": self.overwrite, "qc": self.qc, "max_voxels": self.max_voxels,
-                    "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp}
+                    "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
+                    "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
         return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
                 "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",
                           "sha256": model_sha256},

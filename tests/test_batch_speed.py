@@ -157,8 +157,10 @@ def test_threads_are_split_between_cases_and_restored(tmp_path):
     network = parser.get_parsed_content("network_def")
     parser["network"] = Threads(network)
     parser["evaluator#weights_network"] = network
-    parser.get_parsed_content("evaluator").run()
+    report = parser.get_parsed_content("evaluator").run()
     assert seen == [2, 2]  # 4 threads for 2 cases in flight: 2 each
+    settings = report["run"]["settings"]
+    assert (settings["parallel_cases"], settings["num_threads"], settings["runtime"]) == (2, 4, "torch")
     assert torch.get_num_threads() == before
 
 
