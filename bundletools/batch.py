@@ -260,7 +260,7 @@ class BatchInference:
             the others at the end; the torch default of 30 minutes is too short for long batches).
         parallel_cases: cases segmented at the same time, each in a thread of its own (the network and the
             postprocessing of one case run while another's are). ``None``: 2 on a CPU with 2 or more threads,
-            otherwise 1. Each case in flight holds its image, network output and postprocessed outputs in memory:
+            otherwise 1; never more than the cases to do (a single scan gets every thread). Each case in flight holds its image, network output and postprocessed outputs in memory:
             set 1 for scans that barely fit once.
         num_threads: CPU threads of the run: while it runs, torch's intra-op threads are
             ``num_threads // parallel_cases`` (so that the cases in flight share the CPU instead of fighting over
@@ -366,10 +366,6 @@ class BatchInference:
         try:
             model_sha256 = self._load_weights()
             self.network.eval()
-            self._threads = self.num_threads or threads_before
-            self._parallel = self.parallel_cases or (2 if self.device.type == "cpu" and self._threads >= 2 else 1)
-            torch.set_num_threads(max(1, self._threads // self._parallel))
-            self._model = self._runnable(model_sha256)
             names = self.case_names()
             if rank == 0:
                 self.folder.lock()
@@ -382,6 +378,11 @@ class BatchInference:
                 dist.broadcast_object_list(plan, src=0)
             todo, done = plan[0]
             mine = todo[rank::world]
+            self._threads = self.num_threads or threads_before
+            parallel = self.parallel_cases or (2 if self.device.type == "cpu" and self._threads >= 2 else 1)
+            self._parallel = max(1, min(parallel, len(mine)))  # one scan gets every thread
+            torch.set_num_threads(max(1, self._threads // self._parallel))
+            self._model = self._runnable(model_sha256)
             logger.info(f"batch inference: {len(names)} case(s), {sum(r['status'] == SKIPPED for r in done)} "
                         f"already complete, {len(todo)} to do"
                         + (f", {len(mine)} on rank {rank} of {world}" if world > 1 else "")
