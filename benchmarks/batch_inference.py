@@ -203,7 +203,7 @@ def bench_set(bundle: str, label: str, images: list[Path], pipelines: list[str],
     print(f"\n{bundle}, {label}: {n} scan(s), {args.rounds} round(s), num_workers {args.num_workers}, "
           f"{threads} torch threads per process, model {ckpt}")
     print(f"{'pipeline':>10} {'seconds':>9} {'cases/min':>10} {'ratio':>6} {'CPU s':>8} {'CPU ratio':>9} "
-          f"{'mean Dice':>10} {'dDice':>8} {'same as ' + reference:>16}")
+          f"{'mean Dice':>10} {'dDice':>8} {'same as ' + reference:>16} {'voxels agree':>13}")
     dices = {}
     for p in pipelines:
         s = statistics.median(seconds[p])
@@ -211,15 +211,18 @@ def bench_set(bundle: str, label: str, images: list[Path], pipelines: list[str],
         dices[p] = (float(np.mean([dice(np.asarray(nib.load(files[p][c]).dataobj),
                                         np.asarray(nib.load(labels[c]).dataobj), classes) for c in val]))
                     if val else float("nan"))
-        same = sum(np.array_equal(np.asarray(nib.load(f).dataobj), np.asarray(nib.load(files[reference][c]).dataobj))
-                   for c, f in files[p].items() if c in files[reference])
+        pairs = [(np.asarray(nib.load(f).dataobj), np.asarray(nib.load(files[reference][c]).dataobj))
+                 for c, f in files[p].items() if c in files[reference]]
+        same = sum(np.array_equal(a, b) for a, b in pairs)
+        agree = sum(int((a == b).sum()) for a, b in pairs) / max(1, sum(a.size for a, _ in pairs))
         ratio = statistics.median(seconds[reference]) / s
         c = statistics.median(cpu[p])
         cpu_ratio = statistics.median(cpu[reference]) / c
         d = dices[p] - dices[reference]
         print(f"{p:>10} {s:>9.1f} {60 * n / s:>10.2f} {ratio:>6.2f} {c:>8.1f} {cpu_ratio:>9.2f} {dices[p]:>10.4f} "
               f"{d:>+8.4f} "
-              f"{f'{same}/{len(files[p])}':>16}   (rounds: {', '.join(f'{x:.1f}' for x in seconds[p])} s"
+              f"{f'{same}/{len(files[p])}':>16} {agree:>13.6f}   "
+              f"(rounds: {', '.join(f'{x:.1f}' for x in seconds[p])} s"
               + (f"; Dice over {len(val)} validation cases" if val else "") + ")")
 
 
@@ -231,6 +234,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder of Task04_Hippocampus")
     parser.add_argument("--weights", help="folder with <bundle>/models/model.pt (default: each bundle's "
                                           "models/model.pt, else a random model: timing only, Dice meaningless)")
+    parser.add_argument("--images", choices=("all", "validation"), default="all",
+                        help="all: imagesTr + imagesTs; validation: only the 42 validation cases")
     parser.add_argument("--max_cases", type=int, help="only the first N real images (sorted by name)")
     parser.add_argument("--big_scans", type=int, default=1, help="number of CT-sized scans (0: none)")
     parser.add_argument("--big_shape", default="256x256x200")
@@ -263,6 +268,9 @@ def main() -> None:
                             if not p.name.startswith("."))
             if not images:
                 raise SystemExit(f"no images under {dataset}/imagesTr or imagesTs")
+            val = validation_cases(dataset)
+            if args.images == "validation":
+                images = [p for p in images if f"{p.parent.name}_{p.name[: -len('.nii.gz')]}" in val]
             images = images[: args.max_cases] if args.max_cases else images
             ckpt = (Path(args.weights) / bundle / "models" / "model.pt" if args.weights
                     else REPO / "bundles" / bundle / "models" / "model.pt")
@@ -275,7 +283,7 @@ def main() -> None:
                 print(f"{bundle}: no trained model; a random one (timing only: the Dice figures mean nothing)")
             config = json.loads((REPO / "bundles" / bundle / "configs" / "inference.json").read_text())
             classes = int(config["num_classes"])
-            bench_set(bundle, task, images, pipelines, roots, ckpt, args, work, validation_cases(dataset), classes)
+            bench_set(bundle, task, images, pipelines, roots, ckpt, args, work, val, classes)
             if args.big_scans:
                 shape = tuple(int(s) for s in args.big_shape.split("x"))
                 spacing = tuple(float(s) for s in args.big_spacing.split("x"))
