@@ -80,6 +80,7 @@ class OnnxRuntimeNetwork:
         self.threads, self.dynamic_axes, self.temp_prefix = int(threads), tuple(dynamic_axes), temp_prefix
         self.structure = hashlib.sha256(repr(network).encode()).hexdigest()[:16]
         self._sessions: dict[tuple, Any] = {}
+        self._failed: dict[tuple, str] = {}  # an export that failed fails the next cases of that shape at once
         self._lock = threading.Lock()
         if onnx_path is not None:
             if not Path(onnx_path).is_file():
@@ -106,10 +107,8 @@ class OnnxRuntimeNetwork:
         try:
             with torch.no_grad():
                 torch.onnx.export(self.network, (example,), str(tmp), input_names=["image"], output_names=["pred"],
-                                  dynamic_axes={"image": names, "pred": names}, dynamo=True, verbose=False)
-            data = Path(str(tmp) + ".data")  # weights above 2 GB go to a side file: keep the model in one
-            if data.exists():
-                raise RuntimeError("the network is too large to export into one ONNX file")
+                                  dynamic_axes={"image": names, "pred": names}, dynamo=True, external_data=False,
+                                  verbose=False)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -122,11 +121,20 @@ class OnnxRuntimeNetwork:
             return self._fixed
         signature = self._signature(example.shape)
         with self._lock:  # one export per shape, even when several threads ask at once
+            if signature in self._failed:
+                raise RuntimeError(self._failed[signature])
             if signature not in self._sessions:
                 path = self.model_path(example.shape)
-                if not path.is_file():
-                    self._export(example, path)
-                self._sessions[signature] = _session(path, self.threads)
+                try:
+                    if not path.is_file():
+                        self._export(example, path)
+                    self._sessions[signature] = _session(path, self.threads)
+                except Exception as e:
+                    message = " ".join(str(e).split())[:300]
+                    self._failed[signature] = (f"the ONNX export of the network for inputs of shape "
+                                               f"{tuple(example.shape)} failed ({type(e).__name__}: {message}); "
+                                               "use runtime 'torch'")
+                    raise RuntimeError(self._failed[signature]) from e
             return self._sessions[signature]
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
