@@ -199,6 +199,12 @@ def bench_set(bundle: str, label: str, images: list[Path], pipelines: list[str],
             threads = result["threads"]
     n = len(images)
     files = {p: {f.name[: -len("_seg.nii.gz")]: f for f in outs[p].glob("*_seg.nii.gz")} for p in pipelines}
+    for p in pipelines:
+        report = outs[p] / "report.json"
+        failed = [c for c in json.loads(report.read_text())["cases"] if c["status"] == "failed"] \
+            if report.is_file() else []
+        if failed:
+            print(f"  {bundle} {label} {p}: {len(failed)} case(s) FAILED, e.g. {failed[0]['reason']}")
     reference = "today" if "today" in pipelines else pipelines[0]
     print(f"\n{bundle}, {label}: {n} scan(s), {args.rounds} round(s), num_workers {args.num_workers}, "
           f"{threads} torch threads per process, model {ckpt}")
