@@ -244,6 +244,7 @@ def main() -> None:
                         help="all: imagesTr + imagesTs; validation: only the 42 validation cases")
     parser.add_argument("--max_cases", type=int, help="only the first N real images (sorted by name)")
     parser.add_argument("--big_scans", type=int, default=1, help="number of CT-sized scans (0: none)")
+    parser.add_argument("--no_task04", action="store_true", help="only the CT-sized scans")
     parser.add_argument("--big_shape", default="256x256x200")
     parser.add_argument("--big_spacing", default="0.9x0.9x1.25")
     parser.add_argument("--rounds", type=int, default=1, help="timed runs of each pipeline, interleaved")
@@ -289,7 +290,8 @@ def main() -> None:
                 print(f"{bundle}: no trained model; a random one (timing only: the Dice figures mean nothing)")
             config = json.loads((REPO / "bundles" / bundle / "configs" / "inference.json").read_text())
             classes = int(config["num_classes"])
-            bench_set(bundle, task, images, pipelines, roots, ckpt, args, work, val, classes)
+            if not args.no_task04:
+                bench_set(bundle, task, images, pipelines, roots, ckpt, args, work, val, classes)
             if args.big_scans:
                 shape = tuple(int(s) for s in args.big_shape.split("x"))
                 spacing = tuple(float(s) for s in args.big_spacing.split("x"))
