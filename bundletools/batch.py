@@ -23,6 +23,10 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
   CPU, NCCL on GPUs) and their reports merged by rank 0;
 - an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
 - an optional DICOM SEG per case read from a DICOM series (``<case>_seg.dcm``, see :mod:`bundletools.dicomseg`).
+- speed on CPUs: ``parallel_cases`` cases are inferred and postprocessed at once, each in a thread with its share
+  of torch's threads (small 3D convolutions use one core better than two, and one case's Python-bound steps run
+  beside another's network), while one writer thread compresses and syncs the finished cases; ``runtime=
+  "onnxruntime"`` runs the network exported to ONNX (:mod:`bundletools.runtime`).
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -56,7 +62,7 @@ from transforms import InvalidImageError
 
 from .data import case_name
 from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
-from .outputs import LOCK_NAME, TMP_PREFIX, BatchError, OutputFolder
+from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
 from .report import FAILED, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
 
@@ -64,6 +70,7 @@ __all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED",
 
 logger = logging.getLogger(__name__)
 
+RUNTIMES = ("torch", "onnxruntime")
 DEFAULT_OUTPUTS = {"pred": {"postfix": "seg", "dtype": "uint8"}}
 DICOM_SEG = "dicom_seg"  # the output key of the DICOM SEG of a case read from a DICOM series
 _MAX_REASON = 400
@@ -128,6 +135,13 @@ def _flag(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+            or int(value) < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -151,6 +165,18 @@ def _config_files() -> list[Path]:
                 files = [value]
             return [Path(f) for f in files if Path(str(f)).is_file()]
     return []
+
+
+class _Progress:
+    """The ``[n/total]`` of the log lines, counted as cases finish (in any thread)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self._count, self._lock = total, 0, threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._count += 1
+            return self._count
 
 
 def _first(sample: Any) -> Any:
@@ -237,6 +263,19 @@ class BatchInference:
             otherwise :meth:`run` just returns the report.
         dist_timeout_s: timeout of the process group created under torchrun (the last rank to finish waits for
             the others at the end; the torch default of 30 minutes is too short for long batches).
+        parallel_cases: cases segmented at the same time, each in a thread of its own (the network and the
+            postprocessing of one case run while another's are). ``None``: 2 on a CPU with 2 or more threads,
+            otherwise 1; never more than the cases to do (a single scan gets every thread). Each case in flight holds its image, network output and postprocessed outputs in memory:
+            set 1 for scans that barely fit once.
+        num_threads: CPU threads of the run: while it runs, torch's intra-op threads are
+            ``num_threads // parallel_cases`` (so that the cases in flight share the CPU instead of fighting over
+            it) and restored afterwards. ``None``: torch's current number (``torch.get_num_threads()``, which
+            follows ``OMP_NUM_THREADS``; torchrun sets 1 per process).
+        runtime: what runs the network: ``"torch"`` (the module itself) or ``"onnxruntime"`` (the network exported
+            to ONNX and run by ONNX Runtime on the CPU; needs the ``onnx`` extra). The exported model is cached
+            in ``output_dir/.batch/`` under the model's SHA-256, so only the first run of a model exports it.
+        onnx_path: with ``runtime="onnxruntime"``, an exported model to run instead (for example from
+            ``python -m monai.bundle onnx_export``); it must take the inferer's windows.
     """
 
     def __init__(
@@ -264,6 +303,10 @@ class BatchInference:
         bundle_root: str | os.PathLike | None = None,
         exit_on_failure: bool = True,
         dist_timeout_s: float = 24 * 3600,
+        parallel_cases: int | None = None,
+        num_threads: int | None = None,
+        runtime: str = "torch",
+        onnx_path: str | os.PathLike | None = None,
     ) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir)
@@ -293,6 +336,14 @@ class BatchInference:
         self.bundle_root = bundle_root
         self.exit_on_failure = exit_on_failure
         self.dist_timeout_s = dist_timeout_s
+        self.parallel_cases = None if parallel_cases is None else _positive(parallel_cases, "parallel_cases")
+        self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if runtime == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError(f"runtime 'onnxruntime' runs on the CPU; the device is {self.device}")
+        self.runtime = runtime
+        self.onnx_path = onnx_path
         files = {key: f"_{spec['postfix']}{spec['ext']}" for key, spec in self.outputs.items()}
         if self.qc:
             files["qc"] = "_qc.png"
@@ -321,6 +372,7 @@ class BatchInference:
         started, started_at = time.perf_counter(), _now()
         rank, world, own_group = self._init_distributed()
         report = BatchReport(self.output_dir, [*self.outputs, *([DICOM_SEG] if self.dicom_seg else [])], self.qc)
+        threads_before = torch.get_num_threads()
         try:
             model_sha256 = self._load_weights()
             if self.dicom_seg:
@@ -338,6 +390,11 @@ class BatchInference:
                 dist.broadcast_object_list(plan, src=0)
             todo, done = plan[0]
             mine = todo[rank::world]
+            self._threads = self.num_threads or threads_before
+            parallel = self.parallel_cases or (2 if self.device.type == "cpu" and self._threads >= 2 else 1)
+            self._parallel = max(1, min(parallel, len(mine)))  # one scan gets every thread
+            torch.set_num_threads(max(1, self._threads // self._parallel))
+            self._model = self._runnable(model_sha256)
             logger.info(f"batch inference: {len(names)} case(s), {sum(r['status'] == SKIPPED for r in done)} "
                         f"already complete, {len(todo)} to do"
                         + (f", {len(mine)} on rank {rank} of {world}" if world > 1 else "")
@@ -353,6 +410,8 @@ class BatchInference:
                 dist.broadcast_object_list(shared, src=0)
             result = shared[0]
         finally:
+            torch.set_num_threads(threads_before)
+            self._model = None
             self.folder.unlock()
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
@@ -371,6 +430,21 @@ class BatchInference:
             torch.cuda.set_device(self.device)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=self.dist_timeout_s))
         return dist.get_rank(), dist.get_world_size(), True
+
+    def _runnable(self, model_sha256: str) -> Callable:
+        """What the inferer runs: the network itself, or its ONNX Runtime counterpart."""
+        if self.runtime == "torch":
+            return self.network
+        from networks.wrappers import MonteCarloUncertainty
+
+        from .runtime import OnnxRuntimeNetwork, free_axes
+
+        if isinstance(self.network, MonteCarloUncertainty):
+            raise ValueError("runtime 'onnxruntime' cannot run Monte-Carlo dropout sampling (mc_samples > 0): its "
+                             "dropout layers must stay random; use runtime 'torch'")
+        return OnnxRuntimeNetwork(self.network, self.output_dir / STATE_DIR, model_sha256,
+                                  threads=max(1, self._threads // self._parallel), dynamic_axes=free_axes(self.inferer),
+                                  onnx_path=self.onnx_path, temp_prefix=TMP_PREFIX)
 
     def _load_weights(self) -> str:
         """Load the checkpoint; returns the SHA-256 of the model: of the checkpoint file, or of the network's
@@ -436,41 +510,90 @@ class BatchInference:
                 "input_sha256": input_sha256, "model_sha256": model_sha256}
 
     def _segment_all(self, names: list[str], indices: list[int], rank: int, model_sha256: str) -> list[dict]:
+        """Segment the cases ``indices``: DataLoader workers read and preprocess the next cases, ``parallel_cases``
+        threads infer and postprocess, one thread writes (gzip and fsync wait on the disk while the next case is
+        computed). At most ``2 * parallel_cases`` cases are held in memory at once."""
         cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels)
         loader = torch.utils.data.DataLoader(cases, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              collate_fn=_first)
-        records = []
-        for n, sample in enumerate(loader, 1):
-            index = sample["index"]
-            case, source = names[index], self.dataset.data[index][self.image_key]
-            start = time.perf_counter()
-            reason, outputs = sample.get("error", ""), None
-            provenance = {"case": printable(case), "input": printable(source),
-                          "input_sha256": sample.get("input_sha256", ""),
-                          "input_fingerprint": sample.get("input_fingerprint", ""), "model_sha256": model_sha256}
-            if not reason:
-                try:
-                    outputs = self._segment(case, sample.pop("data"), provenance, source)
-                except Exception as e:  # this case failed; the batch goes on
-                    reason = failure_reason(e, source, "segmentation failed")
-                    sample["traceback"] = traceback.format_exc()
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-            sample.pop("data", None)
-            seconds = sample["seconds"] + time.perf_counter() - start
-            checksums = {"input_sha256": provenance["input_sha256"], "model_sha256": model_sha256}
-            if reason:
-                logger.debug(f"case {printable(case)}:\n{sample.get('traceback', '')}")
-                logger.warning(f"[{n}/{len(indices)}] {printable(case)}: FAILED: {reason}")
-                records.append(self._record(index, case, FAILED, reason, seconds=seconds, rank=rank, **checksums))
-            else:
-                logger.info(f"[{n}/{len(indices)}] {printable(case)}: segmented in {seconds:.1f} s")
-                records.append(self._record(index, case, SUCCEEDED, outputs=outputs, seconds=seconds, rank=rank,
-                                            **checksums))
-        return records
+        progress = _Progress(len(indices))
+        slots = threading.Semaphore(2 * self._parallel)
+        results: list[Future] = []
+        samples = iter(loader)  # forks the DataLoader workers before this run starts any thread
+        compute = ThreadPoolExecutor(self._parallel, thread_name_prefix="batch-case")
+        writer = ThreadPoolExecutor(1, thread_name_prefix="batch-write")
+        try:
+            for sample in samples:
+                slots.acquire()
+                results.append(compute.submit(self._case, sample, names, rank, model_sha256, writer, slots, progress))
+            return [future.result().result() for future in results]  # write futures, in submission order
+        finally:
+            compute.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
 
-    def _segment(self, case: str, data: dict, provenance: Mapping, source: Any = None) -> dict[str, Path]:
-        """Infer, postprocess and write one preprocessed case; returns the final paths."""
+    def _case(self, sample: dict, names: list[str], rank: int, model_sha256: str, writer: ThreadPoolExecutor,
+              slots: threading.Semaphore, progress: "_Progress") -> Future:
+        """Infer and postprocess one loaded case (in a compute thread), then hand its outputs to the writer;
+        returns the future of the case's record. Never raises: a failure is the case's record."""
+        index = sample["index"]
+        case, source = names[index], self.dataset.data[index][self.image_key]
+        start = time.perf_counter()
+        handed_off = False
+        try:
+            future = self._case_steps(sample, index, case, source, start, rank, model_sha256, writer, slots,
+                                      progress)
+            handed_off = True
+            return future
+        finally:
+            if not handed_off:
+                slots.release()
+
+    def _case_steps(self, sample: dict, index: int, case: str, source: Any, start: float, rank: int,
+                    model_sha256: str, writer: ThreadPoolExecutor, slots: threading.Semaphore,
+                    progress: "_Progress") -> Future:
+        provenance = {"case": printable(case), "input": printable(source),
+                      "input_sha256": sample.get("input_sha256", ""),
+                      "input_fingerprint": sample.get("input_fingerprint", ""), "model_sha256": model_sha256}
+        checksums = {"input_sha256": provenance["input_sha256"], "model_sha256": model_sha256}
+        reason, writers = sample.get("error", ""), None
+        if not reason:
+            try:
+                writers = self._infer(sample.pop("data"), source)
+            except Exception as e:  # this case failed; the batch goes on
+                reason = failure_reason(e, source, "segmentation failed")
+                sample["traceback"] = traceback.format_exc()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        sample.pop("data", None)
+        seconds = sample["seconds"] + time.perf_counter() - start
+
+        def failed(reason: str, trace: str, seconds: float) -> dict:
+            logger.debug(f"case {printable(case)}:\n{trace}")
+            logger.warning(f"[{progress.next()}/{progress.total}] {printable(case)}: FAILED: {reason}")
+            return self._record(index, case, FAILED, reason, seconds=seconds, rank=rank, **checksums)
+
+        def write() -> dict:
+            start = time.perf_counter()
+            try:
+                outputs = self.folder.write(case, writers, {**provenance, "written": _now()})
+            except Exception as e:
+                return failed(failure_reason(e, source, "segmentation failed"), traceback.format_exc(),
+                              seconds + time.perf_counter() - start)
+            finally:
+                slots.release()
+            total = seconds + time.perf_counter() - start
+            logger.info(f"[{progress.next()}/{progress.total}] {printable(case)}: segmented in {total:.1f} s")
+            return self._record(index, case, SUCCEEDED, outputs=outputs, seconds=total, rank=rank, **checksums)
+
+        if reason:
+            done: Future = Future()
+            done.set_result(failed(reason, sample.get("traceback", ""), seconds))
+            slots.release()
+            return done
+        return writer.submit(write)
+
+    def _infer(self, data: dict, source: Any = None) -> dict[str, Callable[[Path], None]]:
+        """Infer and postprocess one preprocessed case; returns the writer of each output."""
         image = data[self.image_key]
         inputs = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None]
         if getattr(self.inferer, "sw_device", None) is None:
@@ -478,7 +601,7 @@ class BatchInference:
         autocast = torch.autocast("cuda") if self.amp and self.device.type == "cuda" else nullcontext()
         with torch.no_grad():
             with autocast:
-                logits = self.inferer(inputs, self.network)
+                logits = self.inferer(inputs, self._model)
             if isinstance(logits, (list, tuple)):  # deep supervision heads: the first is the prediction
                 logits = logits[0]
             del inputs
@@ -501,7 +624,7 @@ class BatchInference:
                 names, algorithm = self._seg_info
                 labels = data[next(iter(self.outputs))]  # the segmentation: the first declared output
                 writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
-            return self.folder.write(case, writers, {**provenance, "written": _now()})
+            return writers
 
     def _case_keys(self, source: Any) -> list[str]:
         """The outputs a case has: all declared ones, and the DICOM SEG when enabled and the input is a series."""
@@ -577,7 +700,8 @@ class BatchInference:
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
                     "overwrite": self.overwrite, "qc": self.qc, "dicom_seg": self.dicom_seg,
                     "max_voxels": self.max_voxels,
-                    "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp}
+                    "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
+                    "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
         return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
                 "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",
                           "sha256": model_sha256},
