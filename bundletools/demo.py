@@ -49,6 +49,8 @@ KNOWN_WARNINGS = [
     ("Using a non-tuple sequence for multidimensional indexing is deprecated", "UserWarning"),
     # MONAI 1.5 announces that Orientationd's default `labels` will change (the bundles want RAS either way)
     ("monai.transforms.spatial.dictionary Orientationd.__init__", "FutureWarning"),
+    # MONAI 1.6 with pydicom installed: its GPU DICOM decoder (nvImageCodec) is missing (the bundles read with ITK)
+    ("NvImgCodecPydicomReader", "UserWarning"),
     # MONAI 1.5's own Hausdorff distance passes an argument it deprecated
     ("monai.metrics.utils get_mask_edges", "FutureWarning"),
 ]

@@ -45,7 +45,10 @@ def image_writer(value: torch.Tensor | np.ndarray, dtype: np.dtype) -> Callable[
                 if array.shape[0] == 1:  # one channel: a plain volume (drop only the channel axis)
                     writer.data_obj = writer.data_obj[..., 0]
                     writer.channel_dim = None
-                writer.set_metadata(meta, resample=False)
+                # the affine as it is: no resampling (MONAI 1.6's set_metadata(resample=False) still runs a
+                # resampler, which fails on an axis-permuted affine such as a scan stored slice axis first)
+                affine = meta.get("affine")
+                writer.affine = None if affine is None else np.asarray(affine, dtype=np.float64)
                 writer.write(str(path), verbose=False)
                 return
             except Exception as e:  # try the next writer for this extension, as MONAI's SaveImage does

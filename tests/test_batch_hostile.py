@@ -138,6 +138,20 @@ def test_a_one_voxel_trailing_axis_is_kept_with_the_exact_geometry(tmp_path, une
     np.testing.assert_allclose(dicom.GetDirection(), reference.GetDirection(), atol=1e-5)
 
 
+def test_a_scan_stored_with_permuted_axes_keeps_its_layout_and_affine(tmp_path, unet_root):
+    """Item 10: an affine whose diagonal is zero (the slice axis stored first) is written back as it was, with
+    no resampling (MONAI 1.6's writers resample even when asked not to, and fail on such an affine)."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    affine = np.array([[0.0, 1.0, 0.0, -5.0], [0.0, 0.0, 1.2, 3.0], [3.0, 0.0, 0.0, 2.0], [0, 0, 0, 1]])
+    save_nifti(scans / "slices_first.nii.gz", volume(3, (6, 20, 16)), affine)
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["slices_first.nii.gz"]["status"] == "succeeded", cases
+    seg = nib.load(out / "slices_first_seg.nii.gz")
+    assert seg.shape == (6, 20, 16)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- 3: long names
 def test_long_case_names_get_short_temporary_names_or_fail_with_the_length(tmp_path, unet_root):
     """Item 3: a 240-character case is segmented (its temporary name stays within 255 bytes); one whose output
