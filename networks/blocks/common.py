@@ -65,3 +65,16 @@ class ConvBlock(nn.Sequential):
         )
         for layer in self:
             as_fast_conv(layer.conv)
+
+    # the plain nn.Sequential layout (conv, norm, act, conv, norm, act): U-KAN's official ConvLayer/D_ConvLayer and
+    # this collection's U-KAN checkpoints from before the block was shared; their keys are read into this layout
+    _PLAIN_LAYOUT = {"0.": "0.conv.", "1.": "0.adn.N.", "3.": "1.conv.", "4.": "1.adn.N."}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if f"{prefix}0.weight" in state_dict and f"{prefix}0.conv.weight" not in state_dict:
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix):]
+                old = next((o for o in self._PLAIN_LAYOUT if rest.startswith(o)), None)
+                if old is not None:
+                    state_dict[prefix + self._PLAIN_LAYOUT[old] + rest[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

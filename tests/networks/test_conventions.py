@@ -66,3 +66,29 @@ def test_monai_argument_names(network):
     assert names[: len(start)] == start
     widths = {"channels", "feature_sizes", "embed_dims", "features"} & set(names)
     assert widths <= {"channels"}
+
+
+def test_conv_blocks_read_the_plain_sequential_layout():
+    """A U-KAN checkpoint with its conv blocks in the plain nn.Sequential layout (conv, norm, act, conv, norm, act:
+    the official ConvLayer and this collection's U-KAN before the block was shared) loads into the shared block
+    with the same outputs."""
+    torch.manual_seed(0)
+    net = UKAN(2, 1, 2, channels=(16, 24, 32)).eval()
+    for m in net.modules():  # running statistics that are not the defaults, so a dropped one shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    new_to_plain = {".0.conv.": ".0.", ".0.adn.N.": ".1.", ".1.conv.": ".3.", ".1.adn.N.": ".4."}
+    plain = {}
+    for key, value in net.state_dict().items():
+        for new, old in new_to_plain.items():
+            if new in key:
+                key = key.replace(new, old)
+                break
+        plain[key] = value
+    assert any(k.endswith(".4.running_var") for k in plain)  # the layout the old checkpoints have
+    fresh = UKAN(2, 1, 2, channels=(16, 24, 32)).eval()
+    fresh.load_state_dict(plain)  # strict: no key missing or left over
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x))
