@@ -22,6 +22,10 @@ class MirroredInferer(Inferer):
     the mean probabilities, so that the softmax of the configs' postprocessing gives the mean probabilities
     themselves (and its argmax the mirrored ensemble's labels).
 
+    Mirror only the axes the network was trained with flips along (``RandFlipd``'s ``spatial_axis``; axis 0 in
+    the bundles): a mirror image the training never showed, such as the hippocampus with its anterior and posterior
+    ends swapped, is predicted badly (the UNet bundle's mean Dice fell from 0.87 to 0.04 with all three axes).
+
     Args:
         inferer: the inferer run on each mirror image (a sliding window, typically).
         axes: spatial axes to mirror; 2 ** len(axes) predictions per input.
