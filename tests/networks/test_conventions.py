@@ -35,12 +35,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
 
 
 @parameterized.expand(CASES)

@@ -16,13 +16,7 @@ PAPER_DEFAULT_PARAMS = 39_292_518  # + a LayerNorm and a layer scale per DLK sub
 OFFICIAL_QUIRKS = {"per_branch_selection": False, "shared_norm": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The CI machine is small and shared; several intra-op threads there contend and slow convs down 5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
 
 
 def num_params(module: torch.nn.Module) -> int:

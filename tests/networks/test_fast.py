@@ -16,12 +16,7 @@ from networks.blocks.fast import FastConv2d, FastConv3d, FastConvTranspose2d, Fa
 from networks.blocks.kan import KANConv, KANLinear, b_spline_bases, even_b_spline_bases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
 
 
 def outputs_and_grads(module: nn.Module, x: torch.Tensor, plain: bool) -> tuple[list[torch.Tensor], dict]:

@@ -38,13 +38,7 @@ PARAM_COUNT_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: thread synchronisation would cost more than it saves on a busy machine."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
 
 
 def count(module: nn.Module) -> int:
