@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .batch import BatchInference
 from .data import DatasetError, inference_datalist, scoring_split, training_split
+from . import training
 from .handlers import ResumableCheckpoint
 from .metrics import HausdorffDistanceMM
 
