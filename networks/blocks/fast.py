@@ -187,8 +187,9 @@ def _crop_to_input(weight: torch.Tensor, padding: tuple, dilation: tuple, sizes:
 
 def _float32_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The convolution in float32 with autocast off. Under autocast, 3D depthwise convolutions take this (as they do
-    on the fast CPU path): their half-precision kernels have no tensor-core work to gain, and D-Net's training
-    under bfloat16 was seen to stall in them on an H200."""
+    on the fast CPU path): they have no tensor-core work to gain from half precision, and D-Net's training under
+    bfloat16 stalled on an H200 where its float32 step took 0.87 s, with these layers (cuDNN's half-precision
+    kernels for large dilated depthwise 3D kernels) the first suspects; ``benchmarks/gpu_check.py`` times both."""
     bias = None if conv.bias is None else conv.bias.float()
     with torch.autocast(x.device.type, enabled=False):
         return conv._conv_forward(x.float(), weight.float(), bias)
