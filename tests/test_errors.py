@@ -190,6 +190,7 @@ def test_inference_of_a_missing_folder_ends_in_one_line(tmp_path):
     _assert_one_line_error(proc, f"monai.bundle: error: dataset_dir '{missing}' does not exist or is not a folder")
 
 
+@pytest.mark.slow  # two processes and a rendezvous: about 17 s
 def test_every_torchrun_process_prints_the_one_line(tmp_path):
     missing = tmp_path / "nowhere"
     proc = run_bundle(_training(missing, tmp_path / "bundle", "multi_gpu_train"), cwd=tmp_path, check=False,
