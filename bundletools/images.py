@@ -12,8 +12,9 @@ folder, and refuses, with a :class:`DatasetError` naming the file, what must not
   process on it).
 
 :func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both);
-:func:`check_dicom_series` checks that a folder holds one complete, evenly spaced series; :func:`input_checksum`
-is the SHA-256 of an input (a file, a detached header with its data files, or a series folder).
+:func:`check_dicom_series` checks that a folder holds one series that ITK reads onto its true grid: complete,
+evenly spaced slices of one orientation stacked along their normal (no gantry tilt); :func:`input_checksum` is the
+SHA-256 of an input (a file, a detached header with its data files, or a series folder).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024  # voxels x channels; 1 GB as float32
 _ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _ORTHOGONALITY_TOLERANCE = 1e-4
+# direction cosines of two slices of one series may differ by this: scanners write them to 6 or more decimals, and
+# 1e-4 turns a 500 mm field of view by 0.05 mm
+_ORIENTATION_TOLERANCE = 1e-4
 _DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
               b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
               b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
@@ -177,16 +181,68 @@ def _itk_affine(size, spacing, origin, direction) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
-    """Check that ``folder`` holds exactly one complete DICOM series, evenly spaced; returns its header.
+def _cosines(orientation: np.ndarray) -> str:
+    return "[" + ", ".join(f"{round(float(v), 4) + 0.0:g}" for v in orientation.ravel()) + "]"
 
-    ITK reads the first series of a folder with several, skips slices whose header it cannot parse and only
-    warns about missing slices, so without this check a folder of bad slices gives a segmentation on a wrong
-    grid instead of an error.
+
+def _check_stack(source: str | os.PathLike, positions: np.ndarray, orientations: np.ndarray, pixel: float,
+                 what: str) -> None:
+    """Refuse planes that ITK cannot read as one regular grid, which it reads anyway: planes of different
+    orientations (each would get the first one's), planes stacked off their normal (gantry tilt: ITK stacks them
+    along it), repeated or unevenly spaced planes (missing or extra slices).
+
+    Args:
+        source: the series folder, for the messages.
+        positions: ``(n, 3)`` ImagePositionPatient of the planes, LPS mm.
+        orientations: ``(n, 2, 3)`` their row and column directions.
+        pixel: the smaller pixel spacing (mm); positions off the stack's line by 1 % of it are a tilt.
+        what: ``"slices"`` or ``"frames"``.
+    """
+    groups: list[list] = []  # [orientation, number of planes]
+    for orientation in orientations:
+        for group in groups:
+            if np.abs(orientation - group[0]).max() <= _ORIENTATION_TOLERANCE:
+                group[1] += 1
+                break
+        else:
+            groups.append([orientation, 1])
+    if len(groups) > 1:
+        listed = ", ".join(f"{_cosines(o)} in {n} {what}" for o, n in groups[:3])
+        more = f" and {len(groups) - 3} other orientations" if len(groups) > 3 else ""
+        raise DatasetError(f"{source}: inconsistent slice orientations: ImageOrientationPatient {listed}{more}; "
+                           f"read as one volume, all {what} would get the first one's orientation, so it is not "
+                           "segmented (a localizer in the series? give each orientation its own series folder)")
+    normal = np.cross(orientations[0][0], orientations[0][1])
+    normal /= np.linalg.norm(normal)
+    along = positions @ normal
+    first, last = int(np.argmin(along)), int(np.argmax(along))
+    off_normal = np.linalg.norm((positions - positions[first]) - np.outer(along - along[first], normal), axis=1)
+    if off_normal.max() > max(1e-3, 0.01 * pixel):
+        stack = positions[last] - positions[first]
+        angle = np.degrees(np.arccos(min(1.0, abs(float(stack @ normal)) / float(np.linalg.norm(stack)))))
+        raise DatasetError(f"{source}: gantry tilt: the {what} are stacked {angle:.1f} degrees off the normal of "
+                           f"their orientation (up to {off_normal.max():.3g} mm off it); ITK would stack them along "
+                           "the normal and no regular grid holds them as they are, so it is not segmented; resample "
+                           "it onto a regular grid first (dcm2niix corrects gantry tilt)")
+    gaps = np.diff(np.sort(along))
+    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
+        raise DatasetError(f"{source}: {what[:-1]} positions are repeated or unevenly spaced (gaps from "
+                           f"{gaps.min():.3g} to {gaps.max():.3g} mm); missing or extra {what}?")
+
+
+def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
+    """Check that ``folder`` holds exactly one DICOM series that ITK reads onto its true grid; returns its header,
+    read without voxels.
+
+    ITK reads the first series of a folder with several, skips slices whose header it cannot parse, only warns
+    about missing slices, gives every slice the first one's orientation and stacks slices along their normal
+    whatever their positions, so without this check such a folder gives a segmentation on a wrong grid instead of
+    an error.
 
     Raises:
-        DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
-            or repeated slice positions, file names ITK cannot open).
+        DatasetError: naming the folder and the problem: number of series, slices outside the series,
+            inconsistent slice orientations, gantry tilt, uneven or repeated slice positions, file names ITK
+            cannot open.
     """
     _itk_readable_name(folder)
     import itk
@@ -206,21 +262,14 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
     if len(dicom) != len(files):
         raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
                            "slices of the series (truncated or damaged?)")
-    first = _slice_header(files[0])
+    headers = [_slice_header(f) for f in files]
+    first = headers[0]
     size = first.size
-    affine = _itk_affine(size, first.spacing, first.origin, first.direction)
-    header = ImageHeader((*size[:2], len(files)), affine)
-    if len(files) < 2:
-        return header
-    positions = []
-    for f in files:
-        slice_header = _slice_header(f)
-        normal = slice_header.direction.reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(slice_header.origin, normal)))
-    gaps = np.diff(np.sort(positions))
-    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
-        raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
-                           f"to {gaps.max():.3g} mm); missing or extra slices?")
+    header = ImageHeader((*size[:2], len(files)), _itk_affine(size, first.spacing, first.origin, first.direction))
+    if len(files) > 1:
+        directions = [h.direction.reshape(3, 3) for h in headers]
+        _check_stack(folder, np.array([h.origin for h in headers]), np.array([d[:, :2].T for d in directions]),
+                     min(first.spacing[:2]), "slices")
     return header
 
 
