@@ -13,8 +13,10 @@ folder, and refuses, with a :class:`DatasetError` naming the file, what must not
 
 :func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both);
 :func:`check_dicom_series` checks that a folder holds one series that ITK reads onto its true grid: complete,
-evenly spaced slices of one orientation stacked along their normal (no gantry tilt); :func:`input_checksum` is the
-SHA-256 of an input (a file, a detached header with its data files, or a series folder).
+evenly spaced slices of one orientation stacked along their normal (no gantry tilt), or one multi-frame file whose
+frames lie where ITK puts them; :func:`dicom_planes` gives the planes of a DICOM instance (each frame's, from the
+functional groups of a multi-frame one); :func:`input_checksum` is the SHA-256 of an input (a file, a detached
+header with its data files, or a series folder).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = [
     "is_dicom_file",
     "is_dicom_folder",
     "check_dicom_series",
+    "DicomPlane",
+    "dicom_planes",
     "detached_data_files",
     "input_files",
     "input_checksum",
@@ -181,6 +185,66 @@ def _itk_affine(size, spacing, origin, direction) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
+@dataclass(frozen=True)
+class DicomPlane:
+    """One image plane of a DICOM instance, in LPS mm: a single-frame slice, or frame ``frame`` (from 1) of a
+    multi-frame instance."""
+
+    position: np.ndarray  # ImagePositionPatient: the centre of the first pixel
+    orientation: np.ndarray  # 2 x 3: the direction along a row (the column index grows), then along a column
+    pixel_spacing: tuple[float, float]  # between rows, between columns
+    frame: int | None = None
+
+
+_FRAME_GEOMETRY = (("PlanePositionSequence", "ImagePositionPatient"),
+                   ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                   ("PixelMeasuresSequence", "PixelSpacing"))
+
+
+def _frame_value(groups, sequence: str, keyword: str):
+    """``keyword`` of the first of ``groups`` (functional group items) whose ``sequence`` has it."""
+    for group in groups:
+        if group is not None and sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
+            return group[sequence][0][keyword].value
+    return None
+
+
+def _plane(position, orientation, pixel_spacing, frame: int | None = None) -> DicomPlane:
+    return DicomPlane(np.asarray(position, dtype=np.float64), np.reshape(np.asarray(orientation, np.float64), (2, 3)),
+                      (float(pixel_spacing[0]), float(pixel_spacing[1])), frame)
+
+
+def dicom_planes(ds) -> list[DicomPlane]:
+    """The image planes of a DICOM data set (pydicom, pixel data not needed): one per frame of a multi-frame
+    instance, from its per-frame functional groups or, where a frame has none, the shared ones (enhanced and
+    legacy converted enhanced images); else the one slice of its top-level attributes.
+
+    Raises:
+        DatasetError: a position, orientation or pixel spacing is missing, naming the file.
+    """
+    name = getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "DICOM instance")
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+        frames = ds.PerFrameFunctionalGroupsSequence
+        if len(frames) != int(ds.get("NumberOfFrames") or 1):
+            raise DatasetError(f"{name}: NumberOfFrames is {ds.get('NumberOfFrames')} but the file describes "
+                               f"{len(frames)} frames")
+        planes = []
+        for number, item in enumerate(frames, 1):
+            values = [_frame_value((item, shared), sequence, keyword) for sequence, keyword in _FRAME_GEOMETRY]
+            missing = [sequence for (sequence, _), value in zip(_FRAME_GEOMETRY, values) if value is None]
+            if missing:
+                raise DatasetError(f"{name}: a multi-frame file, but its frames have no {' or '.join(missing)}; "
+                                   "without each frame's geometry it cannot be placed")
+            planes.append(_plane(*values, number))
+        return planes
+    keywords = [keyword for _, keyword in _FRAME_GEOMETRY]
+    missing = [keyword for keyword in keywords if keyword not in ds]
+    if missing:
+        raise DatasetError(f"{name}: no {', '.join(missing)}; the slice's geometry is unknown")
+    return [_plane(*(ds[keyword].value for keyword in keywords))]
+
+
 def _cosines(orientation: np.ndarray) -> str:
     return "[" + ", ".join(f"{round(float(v), 4) + 0.0:g}" for v in orientation.ravel()) + "]"
 
@@ -230,6 +294,44 @@ def _check_stack(source: str | os.PathLike, positions: np.ndarray, orientations:
                            f"{gaps.min():.3g} to {gaps.max():.3g} mm); missing or extra {what}?")
 
 
+def _check_multiframe(folder: str | os.PathLike, path: str, header: _Header) -> ImageHeader:
+    """The header of a series folder holding one multi-frame file, whose frames ITK reads in the file's order onto
+    the grid GDCM makes of the functional groups; refused unless every frame lies where that grid puts it."""
+    import pydicom
+
+    name = os.path.basename(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise DatasetError(f"{folder}: {name} holds {header.size[2]} frames but no per-frame functional groups, so "
+                           "where each frame lies is unknown; it is not segmented")
+    planes = dicom_planes(ds)
+    if len(planes) != header.size[2]:
+        raise DatasetError(f"{folder}: ITK reads {header.size[2]} frames of {name}, whose functional groups "
+                           f"describe {len(planes)}")
+    positions = np.array([p.position for p in planes])
+    _check_stack(folder, positions, np.array([p.orientation for p in planes]),
+                 min(planes[0].pixel_spacing), "frames")
+    # corners (0, 0), (columns - 1, 0), (0, rows - 1) of each frame: as ITK's grid puts them, and as DICOM does
+    direction = header.direction.reshape(3, 3) * np.array(header.spacing)
+    corners = np.array([[0, 0], [header.size[0] - 1, 0], [0, header.size[1] - 1]], dtype=np.float64)
+    worst, frame = 0.0, 0
+    for k, plane in enumerate(planes):
+        itk = np.asarray(header.origin) + np.c_[corners, np.full(3, k)] @ direction.T
+        steps = np.stack([plane.orientation[0] * plane.pixel_spacing[1], plane.orientation[1] * plane.pixel_spacing[0]])
+        dicom = plane.position + corners @ steps
+        distance = float(np.linalg.norm(itk - dicom, axis=1).max())
+        if distance > worst:
+            worst, frame = distance, k + 1
+    if worst > max(1e-3, 0.01 * min(planes[0].pixel_spacing)):
+        along = positions @ np.cross(planes[0].orientation[0], planes[0].orientation[1])
+        if not (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)):
+            raise DatasetError(f"{folder}: the frames of {name} are not stored in slice order, and "
+                               "ITK reads them in the file's order, so it is not segmented")
+        raise DatasetError(f"{folder}: ITK reads {name} onto a grid that puts frame {frame} "
+                           f"{worst:.3g} mm from where its functional groups place it, so it is not segmented")
+    return ImageHeader(header.size, _itk_affine(header.size, header.spacing, header.origin, header.direction))
+
+
 def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
     """Check that ``folder`` holds exactly one DICOM series that ITK reads onto its true grid; returns its header,
     read without voxels.
@@ -237,12 +339,14 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
     ITK reads the first series of a folder with several, skips slices whose header it cannot parse, only warns
     about missing slices, gives every slice the first one's orientation and stacks slices along their normal
     whatever their positions, so without this check such a folder gives a segmentation on a wrong grid instead of
-    an error.
+    an error. The series is either single-frame slices or one multi-frame file (enhanced or legacy converted
+    enhanced), whose frames are checked against the positions in its functional groups.
 
     Raises:
-        DatasetError: naming the folder and the problem: number of series, slices outside the series,
-            inconsistent slice orientations, gantry tilt, uneven or repeated slice positions, file names ITK
-            cannot open.
+        DatasetError: naming the folder and the problem: number of series, slices outside the series, several
+            multi-frame files, inconsistent slice orientations, gantry tilt, uneven or repeated slice positions,
+            frames that are not in slice order or that ITK places elsewhere than their functional groups, file
+            names ITK cannot open.
     """
     _itk_readable_name(folder)
     import itk
@@ -263,6 +367,12 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
         raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
                            "slices of the series (truncated or damaged?)")
     headers = [_slice_header(f) for f in files]
+    multiframe = [h for h in headers if len(h.size) > 2 and h.size[2] > 1]
+    if multiframe:
+        if len(files) > 1:
+            raise DatasetError(f"{folder}: its series is {len(files)} files, {len(multiframe)} of them multi-frame; "
+                               "a multi-frame file is a series of its own: put each in its own folder")
+        return _check_multiframe(folder, files[0], headers[0])
     first = headers[0]
     size = first.size
     header = ImageHeader((*size[:2], len(files)), _itk_affine(size, first.spacing, first.origin, first.direction))

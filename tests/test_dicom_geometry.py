@@ -1,15 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """DICOM inputs whose geometry ITK reads without complaint but wrong (issue 24): slices of different orientations,
-a gantry-tilted stack. Each fails its case with a reason naming the problem; never segmented on a wrong grid.
+a gantry-tilted stack, a multi-frame file. Each is either read onto its true grid, with a DICOM SEG whose frames lie
+on the source planes, or fails its case with a reason naming the problem; never segmented on a wrong grid.
 
 The series are made at test time from a real Task04 volume; the runner runs in-process (the UNet bundle's
 ``evaluator`` with a seeded random model, as in ``test_batch_hostile.py``)."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import shutil
 from pathlib import Path
 
+import highdicom
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -122,3 +126,154 @@ def test_an_oblique_series_stacked_along_its_normal_is_no_tilt(tmp_path):
     write_mr_series(tmp_path / "series", hippocampus()[:, :, :16], SPACING, ORIGIN, oblique)
     header = check_dicom_series(tmp_path / "series")
     assert header.shape == (35, 51, 16)
+
+
+# ------------------------------------------------------------------------------------- item 5: multi-frame
+def write_multiframe(folder: Path, source: Path, top_level_geometry: bool = False, order=None,
+                     drop_positions: bool = False, classic: bool = False, drop_functional_groups: bool = False) -> Path:
+    """The single-frame series ``source`` as one Legacy Converted Enhanced MR Image (per-frame positions in
+    PlanePositionSequence, the orientation and spacing shared), in ``folder/multiframe.dcm``.
+
+    Args:
+        top_level_geometry: also write the first frame's position, orientation and spacing as top-level
+            attributes, as some converters do (a reader that ignores the functional groups sees one plane).
+        order: store the frames in this order of the converter's (the pixel data and the per-frame groups alike).
+        drop_positions: leave out PlanePositionSequence (a multi-frame file whose frames have no positions).
+        classic: the SOP class of the single-frame slices (MR Image Storage, whose IOD has no frames), with the
+            first frame's geometry at the top level, as some exporters write multi-frame files.
+        drop_functional_groups: leave out the per-frame and shared functional groups.
+    """
+    slices = [pydicom.dcmread(f) for f in sorted(source.iterdir())]
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # attributes a test series lacks (FrameType, windows)
+    ds = highdicom.legacy.LegacyConvertedEnhancedMRImage(slices, series_instance_uid=highdicom.UID(),
+                                                         series_number=2, sop_instance_uid=highdicom.UID(),
+                                                         instance_number=1)
+    frames = ds.pixel_array
+    if order is not None:
+        ds.PerFrameFunctionalGroupsSequence = [copy.deepcopy(ds.PerFrameFunctionalGroupsSequence[i]) for i in order]
+        ds.PixelData = np.ascontiguousarray(frames[list(order)]).tobytes()
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if classic:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
+    if top_level_geometry:
+        ds.ImagePositionPatient = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+        ds.ImageOrientationPatient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+        ds.PixelSpacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    if drop_positions:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            del item.PlanePositionSequence
+    if drop_functional_groups:
+        del ds.PerFrameFunctionalGroupsSequence, ds.SharedFunctionalGroupsSequence
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "multiframe.dcm", enforce_file_format=True)
+    return folder / "multiframe.dcm"
+
+
+def frame_positions(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return np.array([[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+                     for item in ds.PerFrameFunctionalGroupsSequence])
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory) -> Path:
+    """The real case as an oblique single-frame series (2 mm slices, the frames of the multi-frame files)."""
+    folder = tmp_path_factory.mktemp("slices") / "series"
+    write_mr_series(folder, hippocampus(), SPACING, ORIGIN, rotation_z(20) @ rotation_x(15))
+    return folder
+
+
+def test_a_multiframe_file_is_read_on_the_grid_of_its_per_frame_positions(slices, tmp_path):
+    """The header of a one-file series counts its frames (``max_voxels`` sees them all) and its affine puts voxel
+    plane k on frame k's position; the voxels read are the slices' voxels."""
+    from transforms import LoadScand
+
+    path = write_multiframe(tmp_path / "mf", slices)
+    header = check_dicom_series(tmp_path / "mf")
+    assert header.shape == (35, 51, 35)
+    positions_ras = frame_positions(path) * [-1, -1, 1]
+    np.testing.assert_allclose([header.affine @ [0, 0, k, 1] for k in range(35)], np.c_[positions_ras, np.ones(35)],
+                               atol=1e-4)
+
+    image = LoadScand(keys="image", image_only=True)({"image": str(tmp_path / "mf")})["image"]
+    np.testing.assert_allclose(np.asarray(image.affine), header.affine, atol=1e-4)
+    reference = LoadScand(keys="image", image_only=True)({"image": str(slices)})["image"]
+    reference_positions = np.array([np.asarray(reference.affine)[:3] @ [0, 0, k, 1] for k in range(35)])
+    order = [int(np.argmin(np.linalg.norm(reference_positions - p, axis=1))) for p in positions_ras]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(reference)[:, :, order])
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ({"order": np.random.default_rng(1).permutation(35)}, "the frames of multiframe.dcm are not stored in slice order"),
+    ({"drop_positions": True}, "a multi-frame file, but its frames have no PlanePositionSequence"),
+    ({"classic": True, "top_level_geometry": True},
+     r"ITK reads multiframe.dcm onto a grid that puts frame \d+ [\d.]+ mm from where its functional groups place it"),
+    ({"classic": True, "top_level_geometry": True, "drop_functional_groups": True},
+     "multiframe.dcm holds 35 frames but no per-frame functional groups"),
+], ids=["frames_out_of_order", "no_positions", "classic_sop_class", "no_functional_groups"])
+def test_a_multiframe_file_whose_geometry_cannot_be_read_fails_with_the_reason(slices, tmp_path, variant, reason):
+    """Frames not stored in slice order would be stacked in file order by ITK; frames without positions have no
+    known geometry; GDCM ignores the functional groups of an MR Image Storage file (a single-frame IOD) and stacks
+    its frames 1 mm apart; without functional groups nothing says where the frames after the first lie."""
+    write_multiframe(tmp_path / "mf", slices, **variant)
+    with pytest.raises(DatasetError, match=reason):
+        check_dicom_series(tmp_path / "mf")
+
+
+def test_a_multiframe_file_directly_in_the_input_folder_makes_that_folder_its_series(slices, tmp_path):
+    """Discovery takes a folder that holds DICOM files as one series, whatever else it holds: a multi-frame file
+    beside a NIfTI file in ``IN`` is the case named after ``IN``, read on its frames' grid."""
+    from bundletools.data import inference_datalist
+
+    scans = tmp_path / "scans"
+    write_multiframe(scans, slices)
+    shutil.copy(shared_data("Task04_Hippocampus") / "imagesTr" / f"{CASE}.nii.gz", scans)
+    assert [(d["case"], Path(d["image"]).name) for d in inference_datalist(scans)] == [
+        (CASE, f"{CASE}.nii.gz"), ("scans", "scans")]
+    assert check_dicom_series(scans).shape == (35, 51, 35)
+
+
+def test_two_multiframe_files_of_one_series_in_a_folder_fail(slices, tmp_path):
+    path = write_multiframe(tmp_path / "mf", slices)
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = highdicom.UID()
+    ds.save_as(tmp_path / "mf" / "another.dcm", enforce_file_format=True)
+    with pytest.raises(DatasetError, match="its series is 2 files, 2 of them multi-frame; a multi-frame file is a "
+                                           "series of its own"):
+        check_dicom_series(tmp_path / "mf")
+
+
+@pytest.mark.parametrize("top_level_geometry", [False, True], ids=["enhanced", "with_top_level_geometry"])
+def test_runner_segments_a_multiframe_file_and_its_seg_covers_every_labelled_frame(slices, tmp_path,
+                                                                                   top_level_geometry):
+    """The NIfTI output is on the frames' grid, and every (frame, segment) with labels in it is a SEG frame that
+    references that source frame, lies on its plane and holds its labels."""
+    scans = tmp_path / "scans"
+    source = write_multiframe(scans / "multiframe", slices, top_level_geometry=top_level_geometry)
+    out = tmp_path / "out"
+    case = by_input(batch(scans, out, runner_root(tmp_path), dicom_seg=True))["multiframe"]
+    assert case["status"] == "succeeded", case["reason"]
+
+    nifti = sitk.ReadImage(str(out / "multiframe_seg.nii.gz"))
+    labels_zyx = sitk.GetArrayFromImage(nifti)
+    positions = frame_positions(source)
+    for k, position in enumerate(positions):  # voxel plane k of the output is frame k
+        np.testing.assert_allclose(nifti.TransformIndexToPhysicalPoint((0, 0, k)), position, atol=1e-4)
+    labelled = {(k, n) for k in range(len(labels_zyx)) for n in (1, 2) if np.any(labels_zyx[k] == n)}
+    assert len({k for k, _ in labelled}) > 10, "the random model labels too few frames for the test to mean much"
+
+    seg = pydicom.dcmread(out / "multiframe_seg.dcm")
+    source_uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    seen = set()
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == source_uid
+        k = int(reference.ReferencedFrameNumber) - 1
+        np.testing.assert_allclose(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float),
+                                   positions[k], atol=1e-4)
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frame.astype(bool), labels_zyx[k] == number)
+        seen.add((k, number))
+    assert seen == labelled, "a labelled frame is missing from the SEG"
+    highdicom.seg.segread(out / "multiframe_seg.dcm")
