@@ -7,7 +7,9 @@ with its RAS affine) into a SEG instance that
 
 - references the source series: the same Study Instance UID, Frame of Reference UID and patient, and for every
   frame the SOP Instance UID of the source slice it lies on, or of a multi-frame source with the number of the
-  frame it lies on (Derivation Image and Referenced Series sequences);
+  frame it lies on (Derivation Image and Referenced Series sequences); a source lacking one of these UIDs gets no
+  SEG (a ValueError names what is missing), a source lacking patient or study attributes that DICOM lets be
+  empty gets them empty;
 - has one segment per label, named from the bundle's ``metadata.json`` (``outputs.pred.channel_def``), with coded
   anatomy (:data:`SEGMENT_CODES`; SNOMED CT codes, a generic "Tissue" for names it does not know);
 - identifies the algorithm: the bundle's name and version, and the SHA-256 of the model file;
@@ -20,6 +22,7 @@ highdicom is an install extra (``pip install 'monai-segmentation-bundles[dicom]'
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -36,6 +39,12 @@ __all__ = ["AlgorithmInfo", "SEGMENT_CODES", "build_segmentation", "file_sha256"
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GRID_TOLERANCE = 1e-2  # voxels: DICOM decimal strings carry positions to about 1e-5 mm
+# attributes of the source a SEG copies or references (PS3.3: Patient, General Study, General Series, SOP Common,
+# Frame of Reference, Image Pixel modules): type 1 must have a value, type 2 must be present and may be empty
+_SOURCE_TYPE_1 = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
+                  "Rows", "Columns")
+_SOURCE_TYPE_2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
+                  "AccessionNumber", "ReferringPhysicianName")
 
 # label name (lower case) -> (category, type, type modifier or None) as (SNOMED CT code, meaning) pairs
 SEGMENT_CODES: dict[str, tuple[tuple[str, str], tuple[str, str], tuple[str, str] | None]] = {
@@ -113,9 +122,6 @@ def read_series(folder: str | os.PathLike) -> list:
     if len(datasets) > 1 and max(map(len, planes)) > 1:
         raise ValueError(f"{folder}: a multi-frame file among {len(datasets)} files; a SEG references one "
                          "multi-frame file or the slices of a series")
-    for f, ds in zip(files, datasets):
-        if "FrameOfReferenceUID" not in ds:
-            raise ValueError(f"{f}: no FrameOfReferenceUID; a SEG needs the source slices' geometry")
     normal = np.cross(*planes[0][0].orientation)
     order = sorted(range(len(datasets)), key=lambda n: float(np.dot(normal, planes[n][0].position)))
     return [datasets[n] for n in order]
@@ -172,6 +178,36 @@ def labels_on_source_frames(labels: np.ndarray, affine: np.ndarray, datasets: Se
     return frames
 
 
+def _complete_source(datasets: Sequence) -> list:
+    """The source headers with what a SEG copies from them. A ValueError naming the series when an attribute that
+    must have a value (type 1) is missing; those that may be empty (type 2) are added empty where missing, and a
+    missing or empty SliceThickness of single-frame slices (type 2 in CT and MR images, needed in the SEG's pixel
+    measures) becomes the distance between the slices, the thickness of the label planes."""
+    first = datasets[0]
+    series = Path(first.filename).parent if getattr(first, "filename", None) else first.get("SeriesInstanceUID")
+    missing = [k for k in _SOURCE_TYPE_1 if any(k not in ds or ds[k].value in (None, "") for ds in datasets)]
+    if missing:
+        raise ValueError(f"{series}: its slices lack {', '.join(missing)} (type 1); a SEG belongs to the study of its "
+                         "source and references its series, frame of reference and instances, so none is made")
+    fill: dict[str, Any] = {k: "" for k in _SOURCE_TYPE_2 if k not in first}
+    if "PerFrameFunctionalGroupsSequence" in first:
+        measures = (first.get("SharedFunctionalGroupsSequence") or [{}])[0].get("PixelMeasuresSequence") or [{}]
+        if "PixelSpacing" not in measures[0]:
+            raise ValueError(f"{series}: its frames' pixel spacing is not in the shared functional groups, where "
+                             "highdicom takes it from for a SEG; none is made")
+    elif first.get("SliceThickness") in (None, ""):
+        along = sorted(float(np.dot(np.cross(*p.orientation), p.position)) for ds in datasets for p in dicom_planes(ds))
+        if len(along) < 2:
+            raise ValueError(f"{series}: one slice without SliceThickness; a SEG needs the thickness of its planes")
+        fill["SliceThickness"] = f"{float(np.median(np.diff(along))):.6g}"
+    if not fill:
+        return list(datasets)
+    first = copy.deepcopy(first)  # highdicom takes the patient, study and pixel measures from the first header
+    for keyword, value in fill.items():
+        setattr(first, keyword, value)
+    return [first, *datasets[1:]]
+
+
 def _code(highdicom, value: tuple[str, str]):
     return highdicom.sr.CodedConcept(value=value[0], scheme_designator="SCT", meaning=value[1])
 
@@ -200,11 +236,17 @@ def build_segmentation(
         series_number: Series Number of the SEG.
         series_description: Series Description of the SEG (default: ``"<bundle> segmentation"``).
         codes: per lower-case name ``(category, type, modifier)``, overriding :data:`SEGMENT_CODES`.
+
+    Raises:
+        ValueError: the source lacks an attribute that a SEG copies and DICOM requires a value of (Study, Series
+            and SOP Instance UIDs, SOP Class, Frame of Reference, Rows, Columns; naming them and the series), the
+            labels are not on the source's grid, or hold a value ``names`` lacks.
     """
     highdicom, _ = _highdicom()
     from pydicom import Dataset
     from pydicom.sr.codedict import codes as dcm_codes
 
+    datasets = _complete_source(datasets)
     frames = labels_on_source_frames(labels, affine, datasets)
     values = sorted(int(v) for v in np.unique(frames) if v != 0)
     unknown = [v for v in values if v not in names]

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DICOM inputs whose geometry ITK reads without complaint but wrong (issue 24): slices of different orientations,
 a gantry-tilted stack, a multi-frame file. Each is either read onto its true grid, with a DICOM SEG whose frames lie
-on the source planes, or fails its case with a reason naming the problem; never segmented on a wrong grid.
+on the source planes, or fails its case with a reason naming the problem; never segmented on a wrong grid. Also a
+SEG of a series that lacks attributes a SEG copies (item 10).
 
 The series are made at test time from a real Task04 volume; the runner runs in-process (the UNet bundle's
 ``evaluator`` with a seeded random model, as in ``test_batch_hostile.py``)."""
@@ -20,6 +21,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from bundletools.dicomseg import AlgorithmInfo, build_segmentation, read_series, segmentation_writer
 from bundletools.images import DatasetError, check_dicom_series
 from tests.conftest import BUNDLES, shared_data
 from tests.test_batch_hostile import batch, by_input
@@ -30,6 +32,8 @@ pytestmark = pytest.mark.realdata
 
 SPACING = (0.9, 0.8, 2.0)
 ORIGIN = (-12.5, 30.25, 4.0)
+NAMES = {1: "anterior", 2: "posterior"}
+ALGORITHM = AlgorithmInfo(UNET, "0.1.0", "ab" * 32)
 
 
 def hippocampus() -> np.ndarray:
@@ -130,7 +134,8 @@ def test_an_oblique_series_stacked_along_its_normal_is_no_tilt(tmp_path):
 
 # ------------------------------------------------------------------------------------- item 5: multi-frame
 def write_multiframe(folder: Path, source: Path, top_level_geometry: bool = False, order=None,
-                     drop_positions: bool = False, classic: bool = False, drop_functional_groups: bool = False) -> Path:
+                     drop_positions: bool = False, classic: bool = False, measures_per_frame: bool = False,
+                     drop_functional_groups: bool = False) -> Path:
     """The single-frame series ``source`` as one Legacy Converted Enhanced MR Image (per-frame positions in
     PlanePositionSequence, the orientation and spacing shared), in ``folder/multiframe.dcm``.
 
@@ -141,6 +146,7 @@ def write_multiframe(folder: Path, source: Path, top_level_geometry: bool = Fals
         drop_positions: leave out PlanePositionSequence (a multi-frame file whose frames have no positions).
         classic: the SOP class of the single-frame slices (MR Image Storage, whose IOD has no frames), with the
             first frame's geometry at the top level, as some exporters write multi-frame files.
+        measures_per_frame: the pixel spacing in each frame's functional groups instead of the shared ones.
         drop_functional_groups: leave out the per-frame and shared functional groups.
     """
     slices = [pydicom.dcmread(f) for f in sorted(source.iterdir())]
@@ -153,6 +159,10 @@ def write_multiframe(folder: Path, source: Path, top_level_geometry: bool = Fals
         ds.PerFrameFunctionalGroupsSequence = [copy.deepcopy(ds.PerFrameFunctionalGroupsSequence[i]) for i in order]
         ds.PixelData = np.ascontiguousarray(frames[list(order)]).tobytes()
     shared = ds.SharedFunctionalGroupsSequence[0]
+    if measures_per_frame:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            item.PixelMeasuresSequence = copy.deepcopy(shared.PixelMeasuresSequence)
+        del shared.PixelMeasuresSequence
     if classic:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
     if top_level_geometry:
@@ -277,3 +287,60 @@ def test_runner_segments_a_multiframe_file_and_its_seg_covers_every_labelled_fra
         seen.add((k, number))
     assert seen == labelled, "a labelled frame is missing from the SEG"
     highdicom.seg.segread(out / "multiframe_seg.dcm")
+
+
+# -------------------------------------------------------------------------- item 10: attributes a SEG copies
+def _labels_on(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    from transforms import LoadScand
+
+    image = LoadScand(keys="image", image_only=True)({"image": str(folder)})["image"]
+    labels = (np.asarray(image) > np.percentile(np.asarray(image), 90)).astype(np.uint8)
+    return labels, np.asarray(image.affine)
+
+
+def _without(folder: Path, *keywords: str) -> None:
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_series_without_patient_id_gets_a_seg_with_an_empty_one(tmp_path):
+    """Patient ID, the patient's name and the study's date are type 2 in a SEG as in its source: present, and
+    empty when unknown. A missing slice thickness (type 2 in MR images) becomes the distance between the slices."""
+    write_mr_series(tmp_path / "series", hippocampus()[:, :, :12], SPACING, ORIGIN, AXIAL)
+    _without(tmp_path / "series", "PatientID", "PatientName", "StudyDate", "AccessionNumber", "SliceThickness")
+    labels, affine = _labels_on(tmp_path / "series")
+    datasets = read_series(tmp_path / "series")
+    seg = build_segmentation(datasets, labels, affine, {1: "anterior"}, ALGORITHM)
+    assert seg.PatientID == "" and seg.PatientName == "" and seg.StudyDate == ""
+    assert seg.StudyInstanceUID == datasets[0].StudyInstanceUID
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == SPACING[2]
+    assert "PatientID" not in datasets[0] and "SliceThickness" not in datasets[0]  # the caller's headers stay as read
+
+
+def test_a_series_without_study_instance_uid_is_a_value_error_naming_it(tmp_path):
+    write_mr_series(tmp_path / "series", hippocampus()[:, :, :12], SPACING, ORIGIN, AXIAL)
+    _without(tmp_path / "series", "StudyInstanceUID")
+    labels, affine = _labels_on(tmp_path / "series")
+    with pytest.raises(ValueError, match=r"series: its slices lack StudyInstanceUID \(type 1\); a SEG belongs to the "
+                                         r"study of its source"):
+        build_segmentation(read_series(tmp_path / "series"), labels, affine, NAMES, ALGORITHM)
+
+    from monai.data import MetaTensor
+
+    write = segmentation_writer(MetaTensor(labels[None], meta={"affine": affine}), NAMES, ALGORITHM,
+                                source=tmp_path / "series")
+    with pytest.raises(ValueError, match="lack StudyInstanceUID"):
+        write(tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_multiframe_source_without_shared_pixel_spacing_is_a_value_error(slices, tmp_path):
+    """highdicom takes a multi-frame source's pixel spacing from its shared functional groups only."""
+    write_multiframe(tmp_path / "mf", slices, measures_per_frame=True)
+    labels, affine = _labels_on(tmp_path / "mf")
+    with pytest.raises(ValueError, match="mf: its frames' pixel spacing is not in the shared functional groups"):
+        build_segmentation(read_series(tmp_path / "mf"), labels, affine, NAMES, ALGORITHM)
