@@ -114,7 +114,8 @@ def read_series(folder: str | os.PathLike) -> list:
     files = sorted(f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f))
     if not files:
         raise ValueError(f"{folder}: no DICOM files")
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    # force: slices without the 128-byte preamble and "DICM", which GDCM reads and is_dicom_file accepts
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
     series = {ds.get("SeriesInstanceUID") for ds in datasets}
     if len(series) != 1:
         raise ValueError(f"{folder}: holds {len(series)} DICOM series; a SEG references exactly one")
