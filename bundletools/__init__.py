@@ -5,6 +5,9 @@ config generation.
 Bundle configs reach it as ``$bundletools.<name>`` expressions and ``bundletools.<name>`` targets; the package is
 installed (``pip install -e .``), so this works from any working directory, in torchrun workers and in MONAI
 Label without ``PYTHONPATH``.
+
+Importing it installs :func:`bundletools.errors.excepthook`: a user error (a missing folder, a bad dataset.json)
+that ends ``python -m monai.bundle run`` is printed as one line instead of MONAI's long traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from .batch import BatchInference
 from .data import DatasetError, inference_datalist, scoring_split, training_split
 from . import training
+from .errors import install_excepthook
 from .handlers import ResumableCheckpoint
 from .metrics import HausdorffDistanceMM
 
@@ -33,6 +37,8 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+install_excepthook()
 
 
 def _in_checkout() -> bool:

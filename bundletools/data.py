@@ -13,7 +13,7 @@ import json
 import os
 import random
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -87,37 +87,105 @@ def _resolve(dataset_dir: Path, entry: str) -> str:
     return str((dataset_dir / entry).resolve()) if not os.path.isabs(entry) else entry
 
 
-def msd_training_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+def _flag(value: object, name: str) -> bool:
+    """A boolean option as a config or ``python -m monai.bundle`` gives it: Fire passes ``--key false`` as the
+    string ``"false"``, which must not read as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise DatasetError(f"{name} must be true or false, got {value!r}")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _same_file_key(path: str) -> tuple:
+    """What identifies the file ``path`` names, whatever its spelling or the links to it: its device and inode
+    (its real path when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _duplicate_cases(datalist: Sequence[dict], describe: Callable[[int], str]) -> list[str]:
+    """One problem per entry whose image is that of an earlier entry, ``describe(i)`` naming entry ``i``."""
+    first: dict[tuple, int] = {}
+    problems = []
+    for i, item in enumerate(datalist):
+        key = _same_file_key(item["image"])
+        if key in first:
+            problems.append(f"case {case_name(item['image'])}: {describe(first[key])} and {describe(i)} are the same "
+                            "image file")
+        else:
+            first[key] = i
+    return problems
+
+
+def msd_training_datalist(
+    dataset_dir: str | os.PathLike, allow_outside_dataset_dir: bool = False
+) -> list[dict[str, str]]:
     """The ``training`` list of an MSD ``dataset.json`` as ``{"image", "label"}`` dicts with absolute paths.
 
+    Each case is listed once: two entries naming the same image file, under any spelling (``./imagesTr/a.nii.gz``,
+    ``imagesTr//a.nii.gz``), through a symbolic or hard link, are an error, as a case listed twice could land in
+    both the training and the validation set. Files must lie inside ``dataset_dir`` after symbolic links are
+    followed (no ``../``, no absolute paths elsewhere), unless ``allow_outside_dataset_dir``.
+
     Raises:
-        DatasetError: the folder or dataset.json is missing, the list is empty, or a listed file does not exist.
+        DatasetError: the folder or dataset.json is missing, the list is empty, a listed file does not exist or
+            is outside the folder, or a case is listed twice (naming each pair of entries).
     """
+    allow_outside_dataset_dir = _flag(allow_outside_dataset_dir, "allow_outside_dataset_dir")
     root = _existing_dir(dataset_dir)
+    source = root / "dataset.json"
     spec = read_dataset_json(root)
     entries = spec.get("training") or []
     if not entries:
-        raise DatasetError(f"{root / 'dataset.json'}: the 'training' list is empty")
-    datalist, missing = [], []
+        raise DatasetError(f"{source}: the 'training' list is empty")
+    real_root = os.path.realpath(root)
+    datalist, missing, outside = [], [], []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DatasetError(f"{root / 'dataset.json'}: training entry {i} needs 'image' and 'label' keys")
-        item = {"image": _resolve(root, entry["image"]), "label": _resolve(root, entry["label"])}
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("label"), str):
+            raise DatasetError(f"{source}: training entry {i} needs 'image' and 'label' paths")
+        item = {key: _resolve(root, entry[key]) for key in ("image", "label")}
         for key in ("image", "label"):
-            if not os.path.isfile(item[key]):
+            if not allow_outside_dataset_dir and not _within(os.path.realpath(item[key]), real_root):
+                outside.append(f"case {case_name(item['image'])}: {key} {entry[key]!r} is outside {root}")
+            elif not os.path.isfile(item[key]):
                 missing.append(f"case {case_name(item['image'])}: {key} file {entry[key]!r} does not exist")
         datalist.append(item)
+    if outside:
+        raise DatasetError(_report(f"{source} lists files outside the dataset folder (pass "
+                                   "--allow_outside_dataset_dir True to use them)",
+                                   outside))
     if missing:
-        raise DatasetError(_report(f"{root / 'dataset.json'} lists files that are missing", missing))
+        raise DatasetError(_report(f"{source} lists files that are missing", missing))
+    duplicates = _duplicate_cases(datalist, lambda i: f"entry {i} ({entries[i]['image']!r})")
+    if duplicates:
+        raise DatasetError(_report(f"{source} lists a case more than once; remove the repeated entries",
+                                   duplicates))
     return datalist
 
 
 def split_datalist(
     datalist: Sequence[dict], val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
-    """A reproducible train/validation split: cases sorted by image path, shuffled with ``seed``."""
+    """A reproducible train/validation split: cases sorted by image path, shuffled with ``seed``.
+
+    Raises:
+        DatasetError: an image file is listed twice (see :func:`msd_training_datalist`), so that no case can be
+            both trained and validated on.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    duplicates = _duplicate_cases(datalist, lambda i: repr(datalist[i]["image"]))
+    if duplicates:
+        raise DatasetError(_report("the datalist to split lists a case more than once", duplicates))
     cases = sorted(datalist, key=lambda d: d["image"])
     random.Random(seed).shuffle(cases)
     num_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1)
@@ -300,6 +368,7 @@ def training_split(
     check: bool = True,
     max_cases: int | None = None,
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    allow_outside_dataset_dir: bool = False,
 ) -> dict[str, list[dict[str, str]]]:
     """The bundles' training entry point: ``{"training": [...], "validation": [...]}`` for an MSD folder.
 
@@ -316,32 +385,39 @@ def training_split(
             labels declared in dataset.json.
         max_cases: use only the first ``max_cases`` cases of the shuffled order (quick runs); ``None`` for all.
         max_voxels: the largest image (voxels times channels) accepted by the check, from its header.
+        allow_outside_dataset_dir: accept dataset.json entries outside ``dataset_dir`` (see
+            :func:`msd_training_datalist`).
     """
+    allow_outside_dataset_dir = _flag(allow_outside_dataset_dir, "allow_outside_dataset_dir")
     root, labels = _check_declared(dataset_dir, num_classes, in_channels)
-    datalist = msd_training_datalist(root)
+    datalist = msd_training_datalist(root, allow_outside_dataset_dir)
     if max_cases is not None:
         datalist = sorted(datalist, key=lambda d: d["image"])
         random.Random(seed).shuffle(datalist)
         datalist = datalist[: int(max_cases)]
     if check:
-        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels, root=root)
+        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels,
+                            root=None if allow_outside_dataset_dir else root)
     train, val = split_datalist(datalist, val_fraction=val_fraction, seed=seed)
     return {"training": train, "validation": val}
 
 
 def scoring_split(
     dataset_dir: str | os.PathLike, num_classes: int, in_channels: int = 1, check: bool = True,
-    max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS, allow_outside_dataset_dir: bool = False,
 ) -> dict[str, list[dict[str, str]]]:
     """Every labelled case of an MSD folder as the validation set (``{"training": [], "validation": [...]}``).
 
     For scoring a trained bundle on other data with its evaluate config
-    (``--datalist "$bundletools.scoring_split(...)"``); the same checks as :func:`training_split`.
+    (``--datalist "$bundletools.scoring_split(...)"``); the same checks as :func:`training_split`, so each case
+    is scored once.
     """
+    allow_outside_dataset_dir = _flag(allow_outside_dataset_dir, "allow_outside_dataset_dir")
     root, labels = _check_declared(dataset_dir, num_classes, in_channels)
-    datalist = sorted(msd_training_datalist(root), key=lambda d: d["image"])
+    datalist = sorted(msd_training_datalist(root, allow_outside_dataset_dir), key=lambda d: d["image"])
     if check:
-        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels, root=root)
+        check_training_data(datalist, labels=labels, in_channels=in_channels, max_voxels=max_voxels,
+                            root=None if allow_outside_dataset_dir else root)
     return {"training": [], "validation": datalist}
 
 

@@ -6,7 +6,10 @@ grid of a source series (as the batch runner writes it to ``<case>_seg.nii.gz``:
 with its RAS affine) into a SEG instance that
 
 - references the source series: the same Study Instance UID, Frame of Reference UID and patient, and for every
-  frame the SOP Instance UID of the source slice it lies on (Derivation Image and Referenced Series sequences);
+  frame the SOP Instance UID of the source slice it lies on, or of a multi-frame source with the number of the
+  frame it lies on (Derivation Image and Referenced Series sequences); a source lacking one of these UIDs gets no
+  SEG (a ValueError names what is missing), a source lacking patient or study attributes that DICOM lets be
+  empty gets them empty;
 - has one segment per label, named from the bundle's ``metadata.json`` (``outputs.pred.channel_def``), with coded
   anatomy (:data:`SEGMENT_CODES`; SNOMED CT codes, a generic "Tissue" for names it does not know);
 - identifies the algorithm: the bundle's name and version, and the SHA-256 of the model file;
@@ -14,11 +17,12 @@ with its RAS affine) into a SEG instance that
   from the DICOM geometry (position, orientation, spacing) and the label volume's affine, never resampled. A label
   volume on any other grid is an error.
 
-highdicom and pydicom are an install extra (``pip install 'monai-segmentation-bundles[dicom]'``).
+highdicom is an install extra (``pip install 'monai-segmentation-bundles[dicom]'``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -28,11 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from .images import DicomPlane, dicom_planes
+
 __all__ = ["AlgorithmInfo", "SEGMENT_CODES", "build_segmentation", "file_sha256", "is_dicom_series",
            "labels_on_source_frames", "read_series", "segment_names", "segmentation_writer", "write_segmentation"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GRID_TOLERANCE = 1e-2  # voxels: DICOM decimal strings carry positions to about 1e-5 mm
+# attributes of the source a SEG copies or references (PS3.3: Patient, General Study, General Series, SOP Common,
+# Frame of Reference, Image Pixel modules): type 1 must have a value, type 2 must be present and may be empty
+_SOURCE_TYPE_1 = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
+                  "Rows", "Columns")
+_SOURCE_TYPE_2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
+                  "AccessionNumber", "ReferringPhysicianName")
 
 # label name (lower case) -> (category, type, type modifier or None) as (SNOMED CT code, meaning) pairs
 SEGMENT_CODES: dict[str, tuple[tuple[str, str], tuple[str, str], tuple[str, str] | None]] = {
@@ -94,71 +106,107 @@ def segment_names(metadata: Mapping[str, Any] | str | os.PathLike, output: str =
 
 
 def read_series(folder: str | os.PathLike) -> list:
-    """The headers (no pixel data) of the DICOM files of a series folder, sorted along the slice normal."""
+    """The headers (no pixel data) of the DICOM files of a series folder: its slices sorted along the slice
+    normal, or its one multi-frame file."""
     _, pydicom = _highdicom()
     from .data import is_dicom_file
 
     files = sorted(f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f))
     if not files:
         raise ValueError(f"{folder}: no DICOM files")
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    series = {ds.SeriesInstanceUID for ds in datasets}
+    # force: slices without the 128-byte preamble and "DICM", which GDCM reads and is_dicom_file accepts
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
+    series = {ds.get("SeriesInstanceUID") for ds in datasets}
     if len(series) != 1:
         raise ValueError(f"{folder}: holds {len(series)} DICOM series; a SEG references exactly one")
-    for f, ds in zip(files, datasets):
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "FrameOfReferenceUID"):
-            if keyword not in ds:
-                raise ValueError(f"{f}: no {keyword}; a SEG needs the source slices' geometry")
-    normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64), (2, 3)))
-    return sorted(datasets, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
+    planes = [dicom_planes(ds) for ds in datasets]  # each slice's or frame's geometry, or the file that lacks it
+    if len(datasets) > 1 and max(map(len, planes)) > 1:
+        raise ValueError(f"{folder}: a multi-frame file among {len(datasets)} files; a SEG references one "
+                         "multi-frame file or the slices of a series")
+    normal = np.cross(*planes[0][0].orientation)
+    order = sorted(range(len(datasets)), key=lambda n: float(np.dot(normal, planes[n][0].position)))
+    return [datasets[n] for n in order]
 
 
-def _frame_to_voxel(ds, affine: np.ndarray) -> np.ndarray:
-    """4x4 matrix from (column, row, 0, 1) of the source slice ``ds`` to the label volume's voxel index."""
-    row_dir, col_dir = np.reshape(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), (2, 3))
-    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+def _frame_to_voxel(plane: DicomPlane, affine: np.ndarray) -> np.ndarray:
+    """4x4 matrix from (column, row, 0, 1) of the source plane to the label volume's voxel index."""
+    row_dir, col_dir = plane.orientation
+    row_spacing, col_spacing = plane.pixel_spacing  # between rows, between columns
     frame = np.eye(4)
     frame[:3, 0] = row_dir * col_spacing  # along a row: the column index grows
     frame[:3, 1] = col_dir * row_spacing
     frame[:3, 2] = np.cross(row_dir, col_dir)
-    frame[:3, 3] = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+    frame[:3, 3] = plane.position
     return np.linalg.inv(affine) @ LPS_TO_RAS @ frame
 
 
 def labels_on_source_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence) -> np.ndarray:
-    """The label plane under each source slice, as ``(slices, rows, columns)`` in the order of ``datasets``.
+    """The label plane under each source plane, as ``(planes, rows, columns)``: under each slice in the order of
+    ``datasets``, or under each frame of a multi-frame source in the order of its frames.
 
     Args:
         labels: 3D integer labels.
         affine: voxel index -> RAS world (mm) of ``labels``.
-        datasets: the source slices' headers.
+        datasets: the source slices' headers, or the one header of a multi-frame source.
 
     Raises:
-        ValueError: when a source slice is not a plane of the label volume's grid (another spacing, orientation,
+        ValueError: when a source plane is not a plane of the label volume's grid (another spacing, orientation,
             an offset of a fraction of a voxel, or outside the volume): the labels are not on the source's grid.
     """
     labels, affine = np.asarray(labels), np.asarray(affine, dtype=np.float64)
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3D, got shape {labels.shape}")
-    frames = np.zeros((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=labels.dtype)
-    for n, ds in enumerate(datasets):
-        to_voxel = _frame_to_voxel(ds, affine)
+    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    sources = [(ds, plane) for ds in datasets for plane in dicom_planes(ds)]
+    frames = np.zeros((len(sources), rows, columns), dtype=labels.dtype)
+    for n, (ds, plane) in enumerate(sources):
+        to_voxel = _frame_to_voxel(plane, affine)
         steps, origin = to_voxel[:3, :2], to_voxel[:3, 3]
         on_grid = (np.allclose(steps, np.round(steps), atol=_GRID_TOLERANCE)
                    and np.allclose(np.abs(np.round(steps)).sum(axis=0), 1) and np.abs(np.round(steps)).max() == 1
                    and np.allclose(origin, np.round(origin), atol=_GRID_TOLERANCE))
-        rows, columns = int(ds.Rows), int(ds.Columns)
         if on_grid:
             r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
             pixels = np.stack([c.ravel(), r.ravel()])
             index = np.round(steps).astype(int) @ pixels + np.round(origin).astype(int)[:, None]
             on_grid = bool(np.all(index >= 0) and np.all(index < np.array(labels.shape)[:, None]))
         if not on_grid:
-            raise ValueError(f"source slice {ds.SOPInstanceUID} (position {list(map(float, ds.ImagePositionPatient))}) "
-                             f"is not a plane of the labels' voxel grid (shape {labels.shape}); the labels must be on "
-                             "the source series' exact grid")
+            frame = "" if plane.frame is None else f" frame {plane.frame}"
+            raise ValueError(f"source slice {ds.SOPInstanceUID}{frame} (position {plane.position.tolist()}) is not a "
+                             f"plane of the labels' voxel grid (shape {labels.shape}); the labels must be on the "
+                             "source series' exact grid")
         frames[n] = labels[tuple(index)].reshape(rows, columns)
     return frames
+
+
+def _complete_source(datasets: Sequence) -> list:
+    """The source headers with what a SEG copies from them. A ValueError naming the series when an attribute that
+    must have a value (type 1) is missing; those that may be empty (type 2) are added empty where missing, and a
+    missing or empty SliceThickness of single-frame slices (type 2 in CT and MR images, needed in the SEG's pixel
+    measures) becomes the distance between the slices, the thickness of the label planes."""
+    first = datasets[0]
+    series = Path(first.filename).parent if getattr(first, "filename", None) else first.get("SeriesInstanceUID")
+    missing = [k for k in _SOURCE_TYPE_1 if any(k not in ds or ds[k].value in (None, "") for ds in datasets)]
+    if missing:
+        raise ValueError(f"{series}: its slices lack {', '.join(missing)} (type 1); a SEG belongs to the study of its "
+                         "source and references its series, frame of reference and instances, so none is made")
+    fill: dict[str, Any] = {k: "" for k in _SOURCE_TYPE_2 if k not in first}
+    if "PerFrameFunctionalGroupsSequence" in first:
+        measures = (first.get("SharedFunctionalGroupsSequence") or [{}])[0].get("PixelMeasuresSequence") or [{}]
+        if "PixelSpacing" not in measures[0]:
+            raise ValueError(f"{series}: its frames' pixel spacing is not in the shared functional groups, where "
+                             "highdicom takes it from for a SEG; none is made")
+    elif first.get("SliceThickness") in (None, ""):
+        along = sorted(float(np.dot(np.cross(*p.orientation), p.position)) for ds in datasets for p in dicom_planes(ds))
+        if len(along) < 2:
+            raise ValueError(f"{series}: one slice without SliceThickness; a SEG needs the thickness of its planes")
+        fill["SliceThickness"] = f"{float(np.median(np.diff(along))):.6g}"
+    if not fill:
+        return list(datasets)
+    first = copy.deepcopy(first)  # highdicom takes the patient, study and pixel measures from the first header
+    for keyword, value in fill.items():
+        setattr(first, keyword, value)
+    return [first, *datasets[1:]]
 
 
 def _code(highdicom, value: tuple[str, str]):
@@ -179,7 +227,8 @@ def build_segmentation(
     source slices ``datasets``.
 
     Args:
-        datasets: headers of the source series' slices (:func:`read_series`); pixel data is not needed.
+        datasets: headers of the source series' slices, or the one header of a multi-frame source
+            (:func:`read_series`); pixel data is not needed.
         labels: 3D integer labels on the series' grid, in any axis order that ``affine`` describes (e.g. the
             batch runner's output: ITK index order).
         affine: voxel index -> RAS world (mm) of ``labels``.
@@ -188,11 +237,17 @@ def build_segmentation(
         series_number: Series Number of the SEG.
         series_description: Series Description of the SEG (default: ``"<bundle> segmentation"``).
         codes: per lower-case name ``(category, type, modifier)``, overriding :data:`SEGMENT_CODES`.
+
+    Raises:
+        ValueError: the source lacks an attribute that a SEG copies and DICOM requires a value of (Study, Series
+            and SOP Instance UIDs, SOP Class, Frame of Reference, Rows, Columns; naming them and the series), the
+            labels are not on the source's grid, or hold a value ``names`` lacks.
     """
     highdicom, _ = _highdicom()
     from pydicom import Dataset
     from pydicom.sr.codedict import codes as dcm_codes
 
+    datasets = _complete_source(datasets)
     frames = labels_on_source_frames(labels, affine, datasets)
     values = sorted(int(v) for v in np.unique(frames) if v != 0)
     unknown = [v for v in values if v not in names]

@@ -13,14 +13,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import monai.handlers
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import MetricsSaver
 
-__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "TimeBudget", "PolyLR", "IterationProgress",
-           "atomic_torch_save", "datalist_fingerprint"]
+from .errors import traceback_wanted, user_error
+
+__all__ = ["ResumableCheckpoint", "LabelledMetricsSaver", "StatsHandler", "TimeBudget", "PolyLR",
+           "IterationProgress", "atomic_torch_save", "datalist_fingerprint"]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -238,6 +241,19 @@ class LabelledMetricsSaver(MetricsSaver):
                                   **common)
 
 
+class StatsHandler(monai.handlers.StatsHandler):
+    """:class:`monai.handlers.StatsHandler` that leaves a user error (a missing file, a bad dataset; see
+    :func:`bundletools.errors.user_error`) to the one line it ends the command with: MONAI's handler logs the
+    traceback of every exception a run raises, so a missing ``model.pt`` would show 20 lines of traceback before
+    the line. Other exceptions are logged as MONAI logs them; with ``BUNDLETOOLS_TRACEBACK=1`` user errors too.
+    """
+
+    def exception_raised(self, _engine: Engine, e: Exception) -> None:
+        if user_error(e) is None or traceback_wanted():
+            super().exception_raised(_engine, e)
+        raise e
+
+
 class TimeBudget:
     """Stop training cleanly once ``seconds`` of wall-clock time have passed (``None``: no limit).
 
@@ -359,8 +375,6 @@ class IterationProgress:
 
             ProgressBar(persist=False).attach(engine, output_transform=lambda out: {self.tag_name: self._loss(out)})
         else:
-            from monai.handlers import StatsHandler
-
             # MONAI's own logger and line format, as the per-epoch lines
             StatsHandler(iteration_log=self._due, epoch_log=False, output_transform=self._loss,
                          tag_name=self.tag_name).attach(engine)

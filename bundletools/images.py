@@ -12,8 +12,11 @@ folder, and refuses, with a :class:`DatasetError` naming the file, what must not
   process on it).
 
 :func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both);
-:func:`check_dicom_series` checks that a folder holds one complete, evenly spaced series; :func:`input_checksum`
-is the SHA-256 of an input (a file, a detached header with its data files, or a series folder).
+:func:`check_dicom_series` checks that a folder holds one series that ITK reads onto its true grid: complete,
+evenly spaced slices of one orientation stacked along their normal (no gantry tilt), or one multi-frame file whose
+frames lie where ITK puts them; :func:`dicom_planes` gives the planes of a DICOM instance (each frame's, from the
+functional groups of a multi-frame one); :func:`input_checksum` is the SHA-256 of an input (a file, a detached
+header with its data files, or a series folder).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = [
     "is_dicom_file",
     "is_dicom_folder",
     "check_dicom_series",
+    "DicomPlane",
+    "dicom_planes",
     "detached_data_files",
     "input_files",
     "input_checksum",
@@ -46,6 +51,9 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024  # voxels x channels; 1 GB as float32
 _ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _ORTHOGONALITY_TOLERANCE = 1e-4
+# direction cosines of two slices of one series may differ by this: scanners write them to 6 or more decimals, and
+# 1e-4 turns a 500 mm field of view by 0.05 mm
+_ORIENTATION_TOLERANCE = 1e-4
 _DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
               b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
               b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
@@ -177,16 +185,168 @@ def _itk_affine(size, spacing, origin, direction) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
-    """Check that ``folder`` holds exactly one complete DICOM series, evenly spaced; returns its header.
+@dataclass(frozen=True)
+class DicomPlane:
+    """One image plane of a DICOM instance, in LPS mm: a single-frame slice, or frame ``frame`` (from 1) of a
+    multi-frame instance."""
 
-    ITK reads the first series of a folder with several, skips slices whose header it cannot parse and only
-    warns about missing slices, so without this check a folder of bad slices gives a segmentation on a wrong
-    grid instead of an error.
+    position: np.ndarray  # ImagePositionPatient: the centre of the first pixel
+    orientation: np.ndarray  # 2 x 3: the direction along a row (the column index grows), then along a column
+    pixel_spacing: tuple[float, float]  # between rows, between columns
+    frame: int | None = None
+
+
+_FRAME_GEOMETRY = (("PlanePositionSequence", "ImagePositionPatient"),
+                   ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                   ("PixelMeasuresSequence", "PixelSpacing"))
+
+
+def _frame_value(groups, sequence: str, keyword: str):
+    """``keyword`` of the first of ``groups`` (functional group items) whose ``sequence`` has it."""
+    for group in groups:
+        if group is not None and sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
+            return group[sequence][0][keyword].value
+    return None
+
+
+def _plane(position, orientation, pixel_spacing, frame: int | None = None) -> DicomPlane:
+    return DicomPlane(np.asarray(position, dtype=np.float64), np.reshape(np.asarray(orientation, np.float64), (2, 3)),
+                      (float(pixel_spacing[0]), float(pixel_spacing[1])), frame)
+
+
+def dicom_planes(ds) -> list[DicomPlane]:
+    """The image planes of a DICOM data set (pydicom, pixel data not needed): one per frame of a multi-frame
+    instance, from its per-frame functional groups or, where a frame has none, the shared ones (enhanced and
+    legacy converted enhanced images); else the one slice of its top-level attributes.
 
     Raises:
-        DatasetError: naming the folder and the problem (number of series, slices outside the series, uneven
-            or repeated slice positions, file names ITK cannot open).
+        DatasetError: a position, orientation or pixel spacing is missing, naming the file.
+    """
+    name = getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "DICOM instance")
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+        frames = ds.PerFrameFunctionalGroupsSequence
+        if len(frames) != int(ds.get("NumberOfFrames") or 1):
+            raise DatasetError(f"{name}: NumberOfFrames is {ds.get('NumberOfFrames')} but the file describes "
+                               f"{len(frames)} frames")
+        planes = []
+        for number, item in enumerate(frames, 1):
+            values = [_frame_value((item, shared), sequence, keyword) for sequence, keyword in _FRAME_GEOMETRY]
+            missing = [sequence for (sequence, _), value in zip(_FRAME_GEOMETRY, values) if value is None]
+            if missing:
+                raise DatasetError(f"{name}: a multi-frame file, but its frames have no {' or '.join(missing)}; "
+                                   "without each frame's geometry it cannot be placed")
+            planes.append(_plane(*values, number))
+        return planes
+    keywords = [keyword for _, keyword in _FRAME_GEOMETRY]
+    missing = [keyword for keyword in keywords if keyword not in ds]
+    if missing:
+        raise DatasetError(f"{name}: no {', '.join(missing)}; the slice's geometry is unknown")
+    return [_plane(*(ds[keyword].value for keyword in keywords))]
+
+
+def _cosines(orientation: np.ndarray) -> str:
+    return "[" + ", ".join(f"{round(float(v), 4) + 0.0:g}" for v in orientation.ravel()) + "]"
+
+
+def _check_stack(source: str | os.PathLike, positions: np.ndarray, orientations: np.ndarray, pixel: float,
+                 what: str) -> None:
+    """Refuse planes that ITK cannot read as one regular grid, which it reads anyway: planes of different
+    orientations (each would get the first one's), planes stacked off their normal (gantry tilt: ITK stacks them
+    along it), repeated or unevenly spaced planes (missing or extra slices).
+
+    Args:
+        source: the series folder, for the messages.
+        positions: ``(n, 3)`` ImagePositionPatient of the planes, LPS mm.
+        orientations: ``(n, 2, 3)`` their row and column directions.
+        pixel: the smaller pixel spacing (mm); positions off the stack's line by 1 % of it are a tilt.
+        what: ``"slices"`` or ``"frames"``.
+    """
+    groups: list[list] = []  # [orientation, number of planes]
+    for orientation in orientations:
+        for group in groups:
+            if np.abs(orientation - group[0]).max() <= _ORIENTATION_TOLERANCE:
+                group[1] += 1
+                break
+        else:
+            groups.append([orientation, 1])
+    if len(groups) > 1:
+        listed = ", ".join(f"{_cosines(o)} in {n} {what}" for o, n in groups[:3])
+        more = f" and {len(groups) - 3} other orientations" if len(groups) > 3 else ""
+        raise DatasetError(f"{source}: inconsistent slice orientations: ImageOrientationPatient {listed}{more}; "
+                           f"read as one volume, all {what} would get the first one's orientation, so it is not "
+                           "segmented (a localizer in the series? give each orientation its own series folder)")
+    normal = np.cross(orientations[0][0], orientations[0][1])
+    normal /= np.linalg.norm(normal)
+    along = positions @ normal
+    first, last = int(np.argmin(along)), int(np.argmax(along))
+    off_normal = np.linalg.norm((positions - positions[first]) - np.outer(along - along[first], normal), axis=1)
+    if off_normal.max() > max(1e-3, 0.01 * pixel):
+        stack = positions[last] - positions[first]
+        angle = np.degrees(np.arccos(min(1.0, abs(float(stack @ normal)) / float(np.linalg.norm(stack)))))
+        raise DatasetError(f"{source}: gantry tilt: the {what} are stacked {angle:.1f} degrees off the normal of "
+                           f"their orientation (up to {off_normal.max():.3g} mm off it); ITK would stack them along "
+                           "the normal and no regular grid holds them as they are, so it is not segmented; resample "
+                           "it onto a regular grid first (dcm2niix corrects gantry tilt)")
+    gaps = np.diff(np.sort(along))
+    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
+        raise DatasetError(f"{source}: {what[:-1]} positions are repeated or unevenly spaced (gaps from "
+                           f"{gaps.min():.3g} to {gaps.max():.3g} mm); missing or extra {what}?")
+
+
+def _check_multiframe(folder: str | os.PathLike, path: str, header: _Header) -> ImageHeader:
+    """The header of a series folder holding one multi-frame file, whose frames ITK reads in the file's order onto
+    the grid GDCM makes of the functional groups; refused unless every frame lies where that grid puts it."""
+    import pydicom
+
+    name = os.path.basename(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise DatasetError(f"{folder}: {name} holds {header.size[2]} frames but no per-frame functional groups, so "
+                           "where each frame lies is unknown; it is not segmented")
+    planes = dicom_planes(ds)
+    if len(planes) != header.size[2]:
+        raise DatasetError(f"{folder}: ITK reads {header.size[2]} frames of {name}, whose functional groups "
+                           f"describe {len(planes)}")
+    positions = np.array([p.position for p in planes])
+    _check_stack(folder, positions, np.array([p.orientation for p in planes]),
+                 min(planes[0].pixel_spacing), "frames")
+    # corners (0, 0), (columns - 1, 0), (0, rows - 1) of each frame: as ITK's grid puts them, and as DICOM does
+    direction = header.direction.reshape(3, 3) * np.array(header.spacing)
+    corners = np.array([[0, 0], [header.size[0] - 1, 0], [0, header.size[1] - 1]], dtype=np.float64)
+    worst, frame = 0.0, 0
+    for k, plane in enumerate(planes):
+        itk = np.asarray(header.origin) + np.c_[corners, np.full(3, k)] @ direction.T
+        steps = np.stack([plane.orientation[0] * plane.pixel_spacing[1], plane.orientation[1] * plane.pixel_spacing[0]])
+        dicom = plane.position + corners @ steps
+        distance = float(np.linalg.norm(itk - dicom, axis=1).max())
+        if distance > worst:
+            worst, frame = distance, k + 1
+    if worst > max(1e-3, 0.01 * min(planes[0].pixel_spacing)):
+        along = positions @ np.cross(planes[0].orientation[0], planes[0].orientation[1])
+        if not (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)):
+            raise DatasetError(f"{folder}: the frames of {name} are not stored in slice order, and "
+                               "ITK reads them in the file's order, so it is not segmented")
+        raise DatasetError(f"{folder}: ITK reads {name} onto a grid that puts frame {frame} "
+                           f"{worst:.3g} mm from where its functional groups place it, so it is not segmented")
+    return ImageHeader(header.size, _itk_affine(header.size, header.spacing, header.origin, header.direction))
+
+
+def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
+    """Check that ``folder`` holds exactly one DICOM series that ITK reads onto its true grid; returns its header,
+    read without voxels.
+
+    ITK reads the first series of a folder with several, skips slices whose header it cannot parse, only warns
+    about missing slices, gives every slice the first one's orientation and stacks slices along their normal
+    whatever their positions, so without this check such a folder gives a segmentation on a wrong grid instead of
+    an error. The series is either single-frame slices or one multi-frame file (enhanced or legacy converted
+    enhanced), whose frames are checked against the positions in its functional groups.
+
+    Raises:
+        DatasetError: naming the folder and the problem: number of series, slices outside the series, several
+            multi-frame files, inconsistent slice orientations, gantry tilt, uneven or repeated slice positions,
+            frames that are not in slice order or that ITK places elsewhere than their functional groups, file
+            names ITK cannot open.
     """
     _itk_readable_name(folder)
     import itk
@@ -206,21 +366,20 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
     if len(dicom) != len(files):
         raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
                            "slices of the series (truncated or damaged?)")
-    first = _slice_header(files[0])
+    headers = [_slice_header(f) for f in files]
+    multiframe = [h for h in headers if len(h.size) > 2 and h.size[2] > 1]
+    if multiframe:
+        if len(files) > 1:
+            raise DatasetError(f"{folder}: its series is {len(files)} files, {len(multiframe)} of them multi-frame; "
+                               "a multi-frame file is a series of its own: put each in its own folder")
+        return _check_multiframe(folder, files[0], headers[0])
+    first = headers[0]
     size = first.size
-    affine = _itk_affine(size, first.spacing, first.origin, first.direction)
-    header = ImageHeader((*size[:2], len(files)), affine)
-    if len(files) < 2:
-        return header
-    positions = []
-    for f in files:
-        slice_header = _slice_header(f)
-        normal = slice_header.direction.reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(slice_header.origin, normal)))
-    gaps = np.diff(np.sort(positions))
-    if gaps.min() <= 1e-4 or gaps.max() - gaps.min() > max(1e-3, 0.01 * float(np.median(gaps))):
-        raise DatasetError(f"{folder}: slice positions are repeated or unevenly spaced (gaps from {gaps.min():.3g} "
-                           f"to {gaps.max():.3g} mm); missing or extra slices?")
+    header = ImageHeader((*size[:2], len(files)), _itk_affine(size, first.spacing, first.origin, first.direction))
+    if len(files) > 1:
+        directions = [h.direction.reshape(3, 3) for h in headers]
+        _check_stack(folder, np.array([h.origin for h in headers]), np.array([d[:, :2].T for d in directions]),
+                     min(first.spacing[:2]), "slices")
     return header
 
 

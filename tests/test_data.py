@@ -274,3 +274,82 @@ def test_training_check_reads_the_size_from_the_header_first(msd):
         training_split(msd, num_classes=3)
     with pytest.raises(DatasetError, match=r"case synthetic_000: image .* more than max_voxels=1e\+03"):
         training_split(msd, num_classes=3, max_voxels=1000)
+
+
+def _add_training_entries(msd: Path, *entries: tuple[str, str]) -> None:
+    spec = json.loads((msd / "dataset.json").read_text())
+    spec["training"] += [{"image": image, "label": label} for image, label in entries]
+    (msd / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_a_case_listed_twice_under_any_spelling_is_an_error_naming_each_pair(msd):
+    """Issue 24 item 6: the same image listed again, under another spelling, by absolute path or through a
+    link, would let a case be trained and validated on; each repeated entry is named with its first entry."""
+    (msd / "imagesTr" / "link_to_003.nii.gz").symlink_to("synthetic_003.nii.gz")
+    _add_training_entries(
+        msd,
+        ("./imagesTr/synthetic_000.nii.gz", "./labelsTr/synthetic_000.nii.gz"),  # entry 6: the same spelling
+        ("imagesTr/synthetic_001.nii.gz", "labelsTr/synthetic_001.nii.gz"),  # 7
+        ("imagesTr//synthetic_002.nii.gz", "labelsTr/synthetic_002.nii.gz"),  # 8
+        ("imagesTr/link_to_003.nii.gz", "labelsTr/synthetic_003.nii.gz"),  # 9
+        (str(msd / "imagesTr" / "synthetic_004.nii.gz"), "labelsTr/synthetic_004.nii.gz"),  # 10
+    )
+    pairs = [(0, "./imagesTr/synthetic_000.nii.gz", 6, "./imagesTr/synthetic_000.nii.gz"),
+             (1, "./imagesTr/synthetic_001.nii.gz", 7, "imagesTr/synthetic_001.nii.gz"),
+             (2, "./imagesTr/synthetic_002.nii.gz", 8, "imagesTr//synthetic_002.nii.gz"),
+             (3, "./imagesTr/synthetic_003.nii.gz", 9, "imagesTr/link_to_003.nii.gz"),
+             (4, "./imagesTr/synthetic_004.nii.gz", 10, str(msd / "imagesTr" / "synthetic_004.nii.gz"))]
+    for split in (training_split, scoring_split):
+        with pytest.raises(DatasetError) as raised:
+            split(msd, num_classes=3)
+        message = str(raised.value)
+        assert message.startswith(f"{msd / 'dataset.json'} lists a case more than once")
+        for first, first_path, again, again_path in pairs:
+            assert f"entry {first} ({first_path!r}) and entry {again} ({again_path!r}) are the same image file" \
+                in message
+        assert message.count(" are the same image file") == len(pairs)
+
+
+def test_the_split_never_puts_a_case_in_both_sets(msd):
+    """Issue 24 item 6: a datalist that names a case twice (here: through a path with ``..`` in it) is refused
+    by the split itself, whatever made the list."""
+    cases = msd_training_datalist(msd)
+    again = dict(cases[0], image=str(Path(cases[0]["image"]).parent / ".." / "imagesTr" /
+                                     Path(cases[0]["image"]).name))
+    with pytest.raises(DatasetError, match=r"lists a case more than once:\n  - case synthetic_000: "):
+        split_datalist([*cases, again], val_fraction=0.5)
+    train, val = split_datalist(cases, val_fraction=0.5)
+    assert not {d["image"] for d in train} & {d["image"] for d in val}
+
+
+def test_entries_outside_the_dataset_folder_need_allow_outside_dataset_dir(msd, tmp_path):
+    """Issue 24 item 6: ``../`` entries, absolute paths elsewhere and links out of the folder are an error
+    naming each, unless ``allow_outside_dataset_dir`` (given as Fire passes it from a command line, too)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("synthetic_000", "synthetic_001", "synthetic_002"):
+        for kind in ("images", "labels"):
+            shutil.copy(msd / f"{kind}Tr" / f"{name}.nii.gz", elsewhere / f"{kind}_{name}.nii.gz")
+    (msd / "imagesTr" / "link_out.nii.gz").symlink_to(elsewhere / "images_synthetic_002.nii.gz")
+    _add_training_entries(
+        msd,
+        ("../elsewhere/images_synthetic_000.nii.gz", "../elsewhere/labels_synthetic_000.nii.gz"),
+        (str(elsewhere / "images_synthetic_001.nii.gz"), str(elsewhere / "labels_synthetic_001.nii.gz")),
+        ("imagesTr/link_out.nii.gz", str(elsewhere / "labels_synthetic_002.nii.gz")),
+    )
+    for split in (training_split, scoring_split):
+        for refused in (False, "false"):
+            with pytest.raises(DatasetError) as raised:
+                split(msd, num_classes=3, allow_outside_dataset_dir=refused)
+            message = str(raised.value)
+            assert message.startswith(f"{msd / 'dataset.json'} lists files outside the dataset folder (pass "
+                                      "--allow_outside_dataset_dir True to use them):")
+            assert f"image '../elsewhere/images_synthetic_000.nii.gz' is outside {msd}" in message
+            assert f"label '{elsewhere / 'labels_synthetic_001.nii.gz'}' is outside {msd}" in message
+            assert f"image 'imagesTr/link_out.nii.gz' is outside {msd}" in message
+            assert message.count(" is outside ") == 6
+    split = training_split(msd, num_classes=3, allow_outside_dataset_dir=True)
+    assert len(split["training"]) + len(split["validation"]) == 9
+    assert len(scoring_split(msd, num_classes=3, allow_outside_dataset_dir="True")["validation"]) == 9
+    with pytest.raises(DatasetError, match=r"allow_outside_dataset_dir must be true or false, got 'yes'"):
+        training_split(msd, num_classes=3, allow_outside_dataset_dir="yes")

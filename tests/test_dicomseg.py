@@ -316,3 +316,17 @@ def test_runner_writes_a_seg_per_dicom_case_resumes_and_reports_it(tmp_path):
     assert_seg_matches(out / "axial_series_seg.dcm", series["axial_series"], out / "axial_series_seg.nii.gz",
                        ("unet_segmentation", version, model_sha256))
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.realdata
+def test_a_series_without_the_preamble_gets_the_same_seg(series, tmp_path):
+    """The runner reads slices without the 128-byte preamble and "DICM" (GDCM does); so must the SEG builder."""
+    from tests.test_batch_hostile import _strip_preamble
+
+    folder, nifti, _ = series
+    stripped = tmp_path / folder.name
+    shutil.copytree(folder, stripped)
+    _strip_preamble(stripped)
+    seg, _ = _build(stripped, nifti)
+    write_segmentation(seg, tmp_path / "seg.dcm")
+    assert_seg_matches(tmp_path / "seg.dcm", folder, nifti, ("unet_segmentation", "0.1.0", "ab" * 32))
