@@ -184,6 +184,8 @@ class Runner:
     net: nn.Module
     x: torch.Tensor
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    variant: str = "ours"  # official, ours, plain, bf16, gpu-default, compile, compile-gpu-default
+    setup_s: float = 0.0  # the compilation (the first forward+backward) of a compiled network
     forward: list[float] = dataclasses.field(default_factory=list)
     forward_backward: list[float] = dataclasses.field(default_factory=list)
 
@@ -227,27 +229,28 @@ def build_runners(spec: str, args, reference: str | None = None) -> list[Runner]
         if config.reference is None:
             sys.exit(f"{name}: no reference implementation is known for this configuration")
         official = config.reference(reference).train().to(device)
-        runners.append(Runner(f"official ({config.reference_repo})", official, x))
+        runners.append(Runner(f"official ({config.reference_repo})", official, x, variant="official"))
     runners.append(Runner(f"ours ({spec})", ours, x))
     if args.plain:
-        runners.append(Runner(f"ours ({spec}), plain ops", ours, x, plain_ops))
+        runners.append(Runner(f"ours ({spec}), plain ops", ours, x, plain_ops, "plain"))
     bf16 = partial(bf16_autocast, device.type)
     if args.bf16:
-        runners.append(Runner(f"ours ({spec}), bf16 autocast", ours, x, bf16))
+        runners.append(Runner(f"ours ({spec}), bf16 autocast", ours, x, bf16, "bf16"))
     if getattr(args, "gpu_default", False):
-        runners.append(Runner(f"ours ({spec}), bf16 + channels-last", ours, channels_last(x), bf16))
+        runners.append(Runner(f"ours ({spec}), bf16 + channels-last", ours, channels_last(x), bf16, "gpu-default"))
     if args.compile:
         compiled = torch.compile(ours)
-        variants = [("", x, contextlib.nullcontext)]
+        variants = [("", x, contextlib.nullcontext, "compile")]
         if getattr(args, "gpu_default", False):
-            variants.append((", bf16 + channels-last", channels_last(x), bf16))
-        for suffix, inputs, context in variants:
+            variants.append((", bf16 + channels-last", channels_last(x), bf16, "compile-gpu-default"))
+        for suffix, inputs, context, variant in variants:
             start = clock(device)
             with context():
                 loss_of(compiled(inputs)).backward()
             ours.zero_grad(set_to_none=True)
-            print(f"torch.compile{suffix}: the first forward+backward (compilation) took {clock(device) - start:.0f} s")
-            runners.append(Runner(f"ours ({spec}), torch.compile{suffix}", compiled, inputs, context))
+            seconds = clock(device) - start
+            print(f"torch.compile{suffix}: the first forward+backward (compilation) took {seconds:.0f} s")
+            runners.append(Runner(f"ours ({spec}), torch.compile{suffix}", compiled, inputs, context, variant, seconds))
     return runners
 
 
@@ -279,7 +282,7 @@ def print_table(runners: Sequence[Runner], first_is_reference: bool) -> None:
 def print_bf16_deviation(runners: Sequence[Runner]) -> None:
     """How far bf16 autocast moves a network's output from its float32 output (eval mode, same input)."""
     for runner in runners:
-        if not (isinstance(runner.context, partial) and runner.context.func is bf16_autocast):
+        if runner.variant not in ("bf16", "gpu-default"):
             continue
         runner.net.eval()
         with torch.no_grad():
