@@ -150,7 +150,7 @@ def part_train(bundle: str, args) -> dict:
         evaluator.add_event_handler(Events.COMPLETED, lambda e: validations.append(time.perf_counter() - marks["val"]))
         if torch.device(args.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)
-        trainer.run()
+        parser.get_parsed_content("run")  # as `python -m monai.bundle run` runs it
         peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if torch.cuda.is_available() else float("nan")
         steady = slice(1, None) if len(loops) > 1 else slice(None)
         epoch_s = statistics.median(loops[steady])
@@ -189,7 +189,7 @@ def part_default_run(args) -> dict:
         for _ in parser.get_parsed_content("initialize"):
             pass
         trainer = parser.get_parsed_content("train#trainer")
-        trainer.run()
+        parser.get_parsed_content("run")
         seconds = time.perf_counter() - start
         epochs = trainer.state.epoch
         evaluation = ConfigParser()
