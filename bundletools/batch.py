@@ -18,7 +18,8 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
 - ``report.json`` and ``report.csv`` in ``output_dir``: per case its status (``succeeded``, ``skipped``,
   ``failed``), reason, outputs, checksums and seconds; every other entry of the input folder as ``ignored`` with
   its reason; the run's bundle, config, model and software versions. The run exits with status 2 when a case
-  failed;
+  failed, 3 when the report could not be written to ``output_dir`` (it is then in a temporary folder named on
+  stderr);
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
 - an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
@@ -39,6 +40,7 @@ import logging
 import os
 import platform
 import re
+import stat
 import sys
 import threading
 import time
@@ -75,17 +77,22 @@ DEFAULT_OUTPUTS = {"pred": {"postfix": "seg", "dtype": "uint8"}}
 DICOM_SEG = "dicom_seg"  # the output key of the DICOM SEG of a case read from a DICOM series
 _MAX_REASON = 400
 _READ = "cannot read the image"
+EXIT_FAILED, EXIT_NO_REPORT = 2, 3  # a case failed; the report is not in output_dir
 
 
 def failure_reason(error: BaseException, source: str | os.PathLike | None = None, stage: str = "failed") -> str:
     """A one-line reason for a failed case, ``<input name>: <problem>``, without a traceback, printable.
 
     MONAI wraps errors raised inside a transform chain (``applying transform ...``); the innermost one says what
-    is wrong, after ``stage``. The input checks (:class:`transforms.InvalidImageError`, :class:`DatasetError`)
-    already say what is wrong and are kept as they are. ITK's source locations and line breaks are dropped, and
-    characters that could break a report or a log line are escaped (:func:`bundletools.report.printable`).
+    is wrong, after ``stage``, unless an error of the system (a full disk, a read-only file system) comes first:
+    that one is the reason, whatever it was raised while handling. The input checks
+    (:class:`transforms.InvalidImageError`, :class:`DatasetError`) already say what is wrong and are kept as they
+    are. ITK's source locations and line breaks are dropped, and characters that could break a report or a log
+    line are escaped (:func:`bundletools.report.printable`).
     """
     def inner(e: BaseException) -> BaseException | None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return None
         return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
 
     chain, seen = [error], {id(error)}
@@ -140,6 +147,13 @@ def _positive(value: Any, name: str) -> int:
             or int(value) < 1:
         raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     return int(value)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _now() -> str:
@@ -259,8 +273,9 @@ class BatchInference:
         max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
             without being read. ``None``: no limit.
         bundle_root: the bundle's folder, recorded in the report (name, version, config files' checksums).
-        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (the exit status pipelines check);
-            otherwise :meth:`run` just returns the report.
+        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed, ``SystemExit(3)`` when the report
+            could not be written to ``output_dir`` (the exit status pipelines check); otherwise :meth:`run` just
+            returns the report.
         dist_timeout_s: timeout of the process group created under torchrun (the last rank to finish waits for
             the others at the end; the torch default of 30 minutes is too short for long batches).
         parallel_cases: cases segmented at the same time, each in a thread of its own (the network and the
@@ -366,7 +381,8 @@ class BatchInference:
         """Segment the cases, write the report, and return it (``{"run", "summary", "cases", "ignored"}``).
 
         Raises:
-            SystemExit: status 2 when a case failed and ``exit_on_failure`` (after the report is written).
+            SystemExit: with ``exit_on_failure``, status 3 when the report could not be written to ``output_dir``
+                (it is in the temporary folder named on stderr), else status 2 when a case failed.
             BatchError: the batch cannot start (another batch holds the output folder, no model, ...).
         """
         started, started_at = time.perf_counter(), _now()
@@ -381,13 +397,15 @@ class BatchInference:
             names = self.case_names()
             if rank == 0:
                 self.folder.lock()
-                for name in self.folder.remove_stale(BatchReport.is_rank_part):
+                for name in self.folder.remove_stale():
                     logger.info(f"removed {printable(name)}, left behind by an interrupted run")
                 plan = [self._plan(names, model_sha256)]
             else:
                 plan = [None]
             if world > 1:
                 dist.broadcast_object_list(plan, src=0)
+                if rank != 0:
+                    self.folder.bind()
             todo, done = plan[0]
             mine = todo[rank::world]
             self._threads = self.num_threads or threads_before
@@ -403,9 +421,12 @@ class BatchInference:
             records = report.gather(records, rank, world)
             shared = [None]
             if rank == 0:
+                problem = self.folder.changed()
+                records = self._check_outputs(records, names, problem)
                 run = self._run_info(model_sha256, started_at, world)
                 ignored = getattr(self.dataset.data, "ignored", [])
-                shared = [report.write(records, ignored, len(names), run, time.perf_counter() - started, world)]
+                shared = [report.write(records, ignored, len(names), run, time.perf_counter() - started, world,
+                                       problem)]
             if world > 1:
                 dist.broadcast_object_list(shared, src=0)
             result = shared[0]
@@ -415,8 +436,17 @@ class BatchInference:
             self.folder.unlock()
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
-        if result["summary"]["failed"] and self.exit_on_failure:
-            raise SystemExit(2)
+        summary = result["summary"]
+        if "report_error" in summary:
+            if rank == 0:  # the one line a pipeline's log shows even when the report is nowhere to be found
+                where = f"the report is in {summary['report_dir']}" if summary["report_dir"] else "no report"
+                print(f"bundletools.batch: error: {summary['report_error']}; {where}; {summary[SUCCEEDED]} "
+                      f"segmented, {summary[SKIPPED]} skipped, {summary[FAILED]} failed of {summary['cases']} case(s)"
+                      + (f"; exit status {EXIT_NO_REPORT}" if self.exit_on_failure else ""), file=sys.stderr)
+            if self.exit_on_failure:
+                raise SystemExit(EXIT_NO_REPORT)
+        if self.exit_on_failure and summary[FAILED]:
+            raise SystemExit(EXIT_FAILED)
         return result
 
     def _init_distributed(self) -> tuple[int, int, bool]:
@@ -476,6 +506,7 @@ class BatchInference:
             if problem:
                 reason = failure_reason(DatasetError(problem), source)
                 logger.warning(f"{printable(case)}: FAILED: {reason}")
+                self.folder.discard(case)
                 done.append(self._record(index, case, FAILED, reason))
                 continue
             previous = None if self.overwrite else self.folder.record(case, self._case_keys(source))
@@ -570,6 +601,7 @@ class BatchInference:
         def failed(reason: str, trace: str, seconds: float) -> dict:
             logger.debug(f"case {printable(case)}:\n{trace}")
             logger.warning(f"[{progress.next()}/{progress.total}] {printable(case)}: FAILED: {reason}")
+            self.folder.discard(case)
             return self._record(index, case, FAILED, reason, seconds=seconds, rank=rank, **checksums)
 
         def write() -> dict:
@@ -577,7 +609,7 @@ class BatchInference:
             try:
                 outputs = self.folder.write(case, writers, {**provenance, "written": _now()})
             except Exception as e:
-                return failed(failure_reason(e, source, "segmentation failed"), traceback.format_exc(),
+                return failed(failure_reason(e, source, "writing the outputs failed"), traceback.format_exc(),
                               seconds + time.perf_counter() - start)
             finally:
                 slots.release()
@@ -625,6 +657,23 @@ class BatchInference:
                 labels = data[next(iter(self.outputs))]  # the segmentation: the first declared output
                 writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
             return writers
+
+    def _check_outputs(self, records: list[dict], names: list[str], problem: str | None) -> list[dict]:
+        """The records as the report must state them: a case whose outputs are gone by now (removed during the
+        run, or with the whole output folder, as ``problem`` says) failed, whatever it was before."""
+        checked = []
+        for record in records:
+            if record["status"] in (SUCCEEDED, SKIPPED):
+                paths = self.folder.paths(names[record["index"]])
+                keys = [*record["outputs"], *(["qc"] if record["qc"] else [])]
+                missing = [] if problem else [paths[k].name for k in keys if not _is_file(paths[k])]
+                if problem or missing:
+                    why = problem or f"{', '.join(missing)} no longer there: removed during the run"
+                    source = self.dataset.data[record["index"]][self.image_key]
+                    record = {**record, "status": FAILED, "output": "", "outputs": {}, "qc": "",
+                              "reason": failure_reason(DatasetError(f"its outputs are lost: {why}"), source)}
+            checked.append(record)
+        return checked
 
     def _case_keys(self, source: Any) -> list[str]:
         """The outputs a case has: all declared ones, and the DICOM SEG when enabled and the input is a series."""

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The batch runner against hostile folders and command lines (issue 14): every promise holds.
+"""The batch runner against hostile folders and command lines (issues 14 and 24): every promise holds.
 
 In-process runs build the UNet bundle's ``evaluator`` from its ``inference.json`` (a randomly initialised model:
 robustness does not need a trained one) over small folders made for each promise; the lock and the command line
@@ -9,17 +9,22 @@ are also tested in fresh processes, as a pipeline runs them. Each test names the
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -543,3 +548,300 @@ def test_outputs_are_synced_to_disk_before_they_are_renamed(tmp_path, unet_root,
         assert ("fsync", source) in events[:i], f"{name} was renamed before it was synced"
         assert ("fsync", os.path.realpath(out)) in events[i:], f"the folder was not synced after {name}"
 
+
+
+# ==================================================================================================== issue 24
+# Each test names the item of issue 24 it checks.
+def batch_exits(scans: Path, out: Path, root: Path, **overrides) -> tuple[int, dict | None]:
+    """The evaluator run as a pipeline runs it (exiting on failure): (exit status, the report it returned)."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
+                   **overrides})
+    try:
+        return 0, parser.get_parsed_content("evaluator").run()
+    except SystemExit as e:
+        return e.code, None
+
+
+class FakeDisk:
+    """Writes under ``folder`` fail as they would on a read-only mount or, once ``budget`` bytes are written, on a
+    full disk: in-process, so that the test also holds as root (whom chmod stops from nothing) and needs no
+    mount. Files are opened through ``open`` (nibabel's gzip, PIL, the runner's text files) and ``os.open``;
+    renames, removals and new folders go through ``os``."""
+
+    def __init__(self, monkeypatch, folder: Path, read_only: bool = False, budget: int | None = None) -> None:
+        self.folder, self.read_only, self.left = os.path.realpath(folder), read_only, budget
+        self._open, self._os_open = open, os.open
+        for module in (__import__("builtins"), __import__("io")):
+            monkeypatch.setattr(module, "open", self.open)
+        monkeypatch.setattr(os, "open", self.os_open)
+        for name in ("replace", "rename", "unlink", "remove", "mkdir", "rmdir"):
+            monkeypatch.setattr(os, name, self._guarded(getattr(os, name)))
+
+    def inside(self, path) -> bool:
+        if isinstance(path, int):
+            return False
+        path = os.path.realpath(os.fsdecode(path))
+        return path == self.folder or path.startswith(self.folder + os.sep)
+
+    def _refuse(self, path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    def _guarded(self, function):
+        def guarded(*paths, **kwargs):
+            if self.read_only and any(self.inside(p) for p in paths[:2] if isinstance(p, (str, bytes, os.PathLike))):
+                self._refuse(paths[0])
+            return function(*paths, **kwargs)
+        return guarded
+
+    def os_open(self, path, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) or (flags & os.O_CREAT and not os.path.lexists(path))
+        if self.read_only and writes and self.inside(path):
+            self._refuse(path)
+        return self._os_open(path, flags, *args, **kwargs)
+
+    def open(self, file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+        if not any(c in mode for c in "wax+") or not self.inside(file):
+            return self._open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+        if self.read_only:
+            self._refuse(file)
+        disk = self
+
+        class Limited(io.FileIO):
+            def write(self, data) -> int:
+                size = memoryview(data).nbytes
+                if disk.left is not None and size > disk.left:
+                    disk.left = 0
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fsdecode(file))
+                if disk.left is not None:
+                    disk.left -= size
+                return super().write(data)
+
+        raw = Limited(file, mode.replace("b", "").replace("t", ""))
+        buffered = io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding or "utf-8", errors, newline)
+
+
+# ------------------------------------------------------------------------- 2: nothing followed out of OUT
+def test_a_state_folder_that_is_a_link_stops_the_run_and_its_target_is_untouched(tmp_path, unet_root):
+    """Item 2: ``OUT/.batch`` linking to another folder: the run stops naming the link; the target keeps its
+    ``.tmp-important`` and gets no records."""
+    scans, out, target = tmp_path / "scans", tmp_path / "out", tmp_path / "important"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    target.mkdir()
+    (target / ".tmp-important").write_text("keep me")
+    out.mkdir()
+    (out / ".batch").symlink_to(target)
+    with pytest.raises(RuntimeError, match=r"\.batch: is a symbolic link"):
+        batch(scans, out, unet_root)
+    assert sorted(p.name for p in target.iterdir()) == [".tmp-important"]
+    assert not (out / "a_seg.nii.gz").exists()
+
+
+def test_links_in_place_of_records_outputs_and_temporary_files_are_never_written_through(tmp_path, unet_root,
+                                                                                           monkeypatch):
+    """Item 2: an output replaced by a link to a file outside OUT is not taken as complete and is replaced, not
+    written through; a record that is a link is not read; a link planted under the next temporary name is not
+    written through."""
+    from bundletools import outputs
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    batch(scans, out, unet_root)
+    victim = tmp_path / "victim.nii.gz"
+    shutil.copy(out / "a_seg.nii.gz", victim)
+    (out / "a_seg.nii.gz").unlink()
+    (out / "a_seg.nii.gz").symlink_to(victim)  # same bytes, but outside OUT
+    (record,) = [p for p in (out / ".batch").glob("*.json") if json.loads(p.read_text())["case"] == "b"]
+    forged = tmp_path / "forged.json"
+    shutil.copy(record, forged)
+    record.unlink()
+    record.symlink_to(forged)
+    before = victim.read_bytes(), forged.read_bytes()
+
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["a.nii.gz"]["status"] == cases["b.nii.gz"]["status"] == "succeeded"
+    assert not (out / "a_seg.nii.gz").is_symlink() and not record.is_symlink()
+    assert (victim.read_bytes(), forged.read_bytes()) == before
+
+    monkeypatch.setattr(outputs, "_COUNTER", itertools.count(1000))
+    planted = out / f"{TMP_PREFIX}{os.getpid()}-1000.json"
+    planted.symlink_to(victim)
+    outputs.write_text_atomic(out / "notes.json", "{}")
+    assert victim.read_bytes() == before[0] and (out / "notes.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------ 7: disk full, read-only OUT
+def test_a_full_disk_leaves_no_output_of_a_failed_case_and_the_report_elsewhere(tmp_path, unet_root, monkeypatch,
+                                                                                 capsys):
+    """Item 7 (disk full): the disk fills just as case a's record is written (its outputs fitted): a fails and
+    its renamed outputs are removed, b fails, and the report goes to a temporary folder named in one line on
+    stderr, exit status 3."""
+    scans, out, spare = tmp_path / "scans", tmp_path / "out", tmp_path / "reference"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    settings = {"qc": True, "parallel_cases": 1}
+    batch(scans, spare, unet_root, **settings)
+    fits = sum((spare / name).stat().st_size for name in ("a_seg.nii.gz", "a_qc.png"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    FakeDisk(monkeypatch, out, budget=fits)
+
+    status, _ = batch_exits(scans, out, unet_root, **settings)
+    assert status == 3
+    assert not [p.name for p in out.iterdir() if not p.name.startswith(".")]  # no output, no report in OUT
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the report cannot be written there (No space left on device)" in err[0], err
+    folder = re.search(r"the report is in (\S+);", err[0]).group(1)
+    report = json.loads((Path(folder) / "report.json").read_text())
+    assert Path(folder).parent == tmp_path and (Path(folder) / "report.csv").is_file()
+    assert report["summary"]["report_dir"] == folder and "No space left" in report["summary"]["report_error"]
+    for case in report["cases"]:
+        assert case["status"] == "failed" and "No space left on device" in case["reason"], case
+
+
+def test_a_read_only_output_folder_still_gives_a_report_and_an_exit_status(tmp_path, unet_root, monkeypatch,
+                                                                            capsys):
+    """Item 7 (read-only OUT, in-process so that it holds as root): every case fails with the reason, the report
+    is written to a temporary folder named on stderr, exit status 3; nothing is written in OUT."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    batch(scans, out, unet_root)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    FakeDisk(monkeypatch, out, read_only=True)
+
+    status, _ = batch_exits(scans, out, unet_root, overwrite=True)
+    assert status == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and "exit status 3" in err[0], err
+    assert "report.json is an earlier run's" in err[0]
+    report = json.loads((Path(re.search(r"the report is in (\S+);", err[0]).group(1)) / "report.json").read_text())
+    assert [(c["case"], c["status"]) for c in report["cases"]] == [("a", "failed"), ("b", "failed")]
+    assert all("Read-only file system" in c["reason"] for c in report["cases"])
+
+
+def test_a_case_whose_write_fails_midway_keeps_none_of_its_outputs(tmp_path, unet_root, monkeypatch):
+    """Item 7: a rename that fails after the first output was renamed into place (a full directory): the case
+    fails and the output already renamed is removed; an earlier run's outputs of a failed case are removed too."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    batch(scans, out, unet_root)
+    replace = os.replace
+
+    def full_directory(src, dst, **kwargs):
+        if str(dst).endswith("_qc.png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_directory)
+    (case,) = batch(scans, out, unet_root, qc=True, overwrite=True)["cases"]
+    assert case["status"] == "failed" and "No space left on device" in case["reason"]
+    assert not (out / "a_seg.nii.gz").exists() and not (out / "a_qc.png").exists()
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+
+
+# --------------------------------------------------------------------------- 8: outputs checked on resume
+def test_truncated_changed_or_swapped_outputs_are_redone_on_resume(tmp_path, unet_root):
+    """Item 8: the record holds each output's size and SHA-256: an output truncated to 100 bytes, one changed in
+    place (same size, times restored) and two outputs swapped are redone; the intact one is skipped."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for i, name in enumerate("abcde"):
+        save_nifti(scans / f"{name}.nii.gz", volume(i, (16, 20, 12 + i)))
+    batch(scans, out, unet_root)
+    good = {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"}
+    record = json.loads(next(p for p in (out / ".batch").glob("*.json")
+                             if json.loads(p.read_text())["case"] == "a").read_text())
+    assert record["outputs"]["pred"]["sha256"] == hashlib.sha256(good["a"]).hexdigest()
+    assert record["outputs"]["pred"]["size"] == len(good["a"])
+
+    with open(out / "a_seg.nii.gz", "r+b") as f:
+        f.truncate(100)
+    changed = out / "b_seg.nii.gz"
+    times = changed.stat()
+    raw = bytearray(good["b"])
+    raw[-5] ^= 0xFF
+    changed.write_bytes(bytes(raw))
+    os.utime(changed, ns=(times.st_atime_ns, times.st_mtime_ns))
+    os.rename(out / "c_seg.nii.gz", tmp_path / "swap")
+    os.rename(out / "d_seg.nii.gz", out / "c_seg.nii.gz")
+    os.rename(tmp_path / "swap", out / "d_seg.nii.gz")
+
+    cases = {c["case"]: c["status"] for c in batch(scans, out, unet_root)["cases"]}
+    assert cases == {"a": "succeeded", "b": "succeeded", "c": "succeeded", "d": "succeeded", "e": "skipped"}
+    assert {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"} == good
+
+
+# --------------------------------------------------------------------------- 13: OUT gone during the run
+class _OnLogLine(logging.Handler):
+    """Does ``action`` once, when the runner logs a line holding ``text`` (as an operator acting at that moment)."""
+
+    def __init__(self, text: str, action) -> None:
+        super().__init__()
+        self.text, self.action, self.done = text, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and self.text in record.getMessage():
+            self.done = True
+            self.action()
+
+
+def _run_while(scans: Path, out: Path, root: Path, text: str, action, caplog) -> int:
+    caplog.set_level(logging.INFO, logger="bundletools.batch")
+    handler = _OnLogLine(text, action)
+    logging.getLogger("bundletools.batch").addHandler(handler)
+    try:
+        status, _ = batch_exits(scans, out, root)
+    finally:
+        logging.getLogger("bundletools.batch").removeHandler(handler)
+    assert handler.done
+    return status
+
+
+@pytest.mark.parametrize("what", ["removed", "replaced"])
+def test_an_output_folder_removed_or_replaced_during_the_run_fails_it(tmp_path, unet_root, monkeypatch, capsys,
+                                                                      caplog, what):
+    """Item 13: OUT removed (or replaced by a new empty folder) after the last case was written: exit status 3,
+    one line on stderr naming the problem and where the report is; every case is reported failed, its outputs
+    lost; nothing is written into the new folder."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def remove() -> None:
+        shutil.rmtree(out)
+        if what == "replaced":
+            out.mkdir()
+
+    assert _run_while(scans, out, unet_root, "[2/2]", remove, caplog) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the output folder was {what} during the run" in err[0], err
+    report = json.loads((Path(re.search(r"the report is in (\S+);", err[0]).group(1)) / "report.json").read_text())
+    for case in report["cases"]:
+        assert case["status"] == "failed" and "its outputs are lost" in case["reason"] and not case["outputs"]
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_an_output_removed_during_the_run_fails_its_case(tmp_path, unet_root, caplog):
+    """Item 13: an output removed before the report is written: its case is reported failed (not succeeded with
+    an output that is not there), exit status 2."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    assert _run_while(scans, out, unet_root, "[2/2]", lambda: (out / "a_seg.nii.gz").unlink(), caplog) == 2
+    cases = by_input(json.loads((out / "report.json").read_text()))
+    assert cases["a.nii.gz"]["status"] == "failed" and "a_seg.nii.gz no longer there" in cases["a.nii.gz"]["reason"]
+    assert cases["b.nii.gz"]["status"] == "succeeded"
