@@ -16,10 +16,10 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
   (SHA-256 of the weights), so an interrupted batch resumes and a corrected scan is segmented again
   (``overwrite`` redoes every case);
 - ``report.json`` and ``report.csv`` in ``output_dir``: per case its status (``succeeded``, ``skipped``,
-  ``failed``), reason, outputs, checksums and seconds; every other entry of the input folder as ``ignored`` with
-  its reason; the run's bundle, config, model and software versions. The run exits with status 2 when a case
-  failed, 3 when the report could not be written to ``output_dir`` (it is then in a temporary folder named on
-  stderr);
+  ``partial``: segmented but without its DICOM SEG, ``failed``), reason, outputs, checksums and seconds; every
+  other entry of the input folder as ``ignored`` with its reason; the run's bundle, config, model and software
+  versions. The run exits with status 2 when a case failed (or lacks its DICOM SEG), 3 when the report could not
+  be written to ``output_dir`` (it is then in a temporary folder named on stderr);
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
 - an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
@@ -65,10 +65,11 @@ from transforms import InvalidImageError
 from .data import case_name
 from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
 from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
-from .report import FAILED, SKIPPED, SUCCEEDED, BatchReport, printable
+from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
 
-__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED", "TMP_PREFIX", "LOCK_NAME"]
+__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "TMP_PREFIX",
+           "LOCK_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ def _positive(value: Any, name: str) -> int:
             or int(value) < 1:
         raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     return int(value)
+
+
+def _raise(error: Exception, path: Path) -> None:
+    """A writer that fails with ``error``: that of an output that could not even be prepared."""
+    raise error
 
 
 def _is_file(path: Path) -> bool:
@@ -267,15 +273,18 @@ class BatchInference:
         qc_size: side of each of the three QC panels in pixels.
         dicom_seg: also write ``<case>_seg.dcm``, the DICOM SEG of the segmentation (the first output), for each
             case read from a DICOM series (:mod:`bundletools.dicomseg`; needs highdicom and the bundle's
-            ``metadata.json``). Part of what makes such a case complete.
+            ``metadata.json``). Part of what makes such a case complete. A SEG that cannot be made fails only the
+            SEG: the case keeps its other outputs and is ``partial``, with the SEG's problem as its reason.
+        dicom_seg_required: whether a ``partial`` case (no DICOM SEG) makes the exit status 2, as a failed case
+            does; ``False``: it is reported, and the exit status ignores it.
         num_workers: DataLoader workers reading and preprocessing the next cases while one is segmented.
         output_ext: extension of the written images.
         max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
             without being read. ``None``: no limit.
         bundle_root: the bundle's folder, recorded in the report (name, version, config files' checksums).
-        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed, ``SystemExit(3)`` when the report
-            could not be written to ``output_dir`` (the exit status pipelines check); otherwise :meth:`run` just
-            returns the report.
+        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (or is ``partial`` and
+            ``dicom_seg_required``), ``SystemExit(3)`` when the report could not be written to ``output_dir`` (the
+            exit status pipelines check); otherwise :meth:`run` just returns the report.
         dist_timeout_s: timeout of the process group created under torchrun (the last rank to finish waits for
             the others at the end; the torch default of 30 minutes is too short for long batches).
         parallel_cases: cases segmented at the same time, each in a thread of its own (the network and the
@@ -312,6 +321,7 @@ class BatchInference:
         qc_key: str = "pred",
         qc_size: int = 256,
         dicom_seg: bool = False,
+        dicom_seg_required: bool = True,
         num_workers: int = 0,
         output_ext: str = ".nii.gz",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
@@ -344,6 +354,7 @@ class BatchInference:
         self.image_key, self.pred_key = image_key, pred_key
         self.overwrite, self.qc = _flag(overwrite, "overwrite"), _flag(qc, "qc")
         self.dicom_seg = _flag(dicom_seg, "dicom_seg")
+        self.dicom_seg_required = _flag(dicom_seg_required, "dicom_seg_required")
         self.qc_key, self.qc_size = qc_key, int(qc_size)
         self.num_workers = int(num_workers)
         self.output_ext = output_ext
@@ -382,7 +393,8 @@ class BatchInference:
 
         Raises:
             SystemExit: with ``exit_on_failure``, status 3 when the report could not be written to ``output_dir``
-                (it is in the temporary folder named on stderr), else status 2 when a case failed.
+                (it is in the temporary folder named on stderr), else status 2 when a case failed or is ``partial``
+                and ``dicom_seg_required``.
             BatchError: the batch cannot start (another batch holds the output folder, no model, ...).
         """
         started, started_at = time.perf_counter(), _now()
@@ -441,11 +453,12 @@ class BatchInference:
             if rank == 0:  # the one line a pipeline's log shows even when the report is nowhere to be found
                 where = f"the report is in {summary['report_dir']}" if summary["report_dir"] else "no report"
                 print(f"bundletools.batch: error: {summary['report_error']}; {where}; {summary[SUCCEEDED]} "
-                      f"segmented, {summary[SKIPPED]} skipped, {summary[FAILED]} failed of {summary['cases']} case(s)"
+                      f"segmented, {summary[SKIPPED]} skipped, {summary[PARTIAL]} without DICOM SEG, "
+                      f"{summary[FAILED]} failed of {summary['cases']} case(s)"
                       + (f"; exit status {EXIT_NO_REPORT}" if self.exit_on_failure else ""), file=sys.stderr)
             if self.exit_on_failure:
                 raise SystemExit(EXIT_NO_REPORT)
-        if self.exit_on_failure and summary[FAILED]:
+        if self.exit_on_failure and (summary[FAILED] or (summary[PARTIAL] and self.dicom_seg_required)):
             raise SystemExit(EXIT_FAILED)
         return result
 
@@ -607,14 +620,25 @@ class BatchInference:
         def write() -> dict:
             start = time.perf_counter()
             try:
-                outputs = self.folder.write(case, writers, {**provenance, "written": _now()})
+                outputs, problems = self.folder.write(case, writers, {**provenance, "written": _now()},
+                                                      optional=[DICOM_SEG])
             except Exception as e:
                 return failed(failure_reason(e, source, "writing the outputs failed"), traceback.format_exc(),
                               seconds + time.perf_counter() - start)
             finally:
                 slots.release()
             total = seconds + time.perf_counter() - start
-            logger.info(f"[{progress.next()}/{progress.total}] {printable(case)}: segmented in {total:.1f} s")
+            step = f"[{progress.next()}/{progress.total}] {printable(case)}"
+            if problems:  # the DICOM SEG could not be made: the case keeps its other outputs
+                reason = "; ".join(failure_reason(e, source, "the DICOM SEG was not written")
+                                   for e in problems.values())
+                for e in problems.values():
+                    logger.debug(f"case {printable(case)}:\n"
+                                 + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+                logger.warning(f"{step}: segmented in {total:.1f} s, but {reason}")
+                return self._record(index, case, PARTIAL, reason, outputs=outputs, seconds=total, rank=rank,
+                                    **checksums)
+            logger.info(f"{step}: segmented in {total:.1f} s")
             return self._record(index, case, SUCCEEDED, outputs=outputs, seconds=total, rank=rank, **checksums)
 
         if reason:
@@ -655,7 +679,10 @@ class BatchInference:
 
                 names, algorithm = self._seg_info
                 labels = data[next(iter(self.outputs))]  # the segmentation: the first declared output
-                writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
+                try:
+                    writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
+                except Exception as e:  # fails only the SEG, when the folder writes it (OutputFolder.write)
+                    writers[DICOM_SEG] = partial(_raise, e)
             return writers
 
     def _check_outputs(self, records: list[dict], names: list[str], problem: str | None) -> list[dict]:
@@ -663,7 +690,7 @@ class BatchInference:
         run, or with the whole output folder, as ``problem`` says) failed, whatever it was before."""
         checked = []
         for record in records:
-            if record["status"] in (SUCCEEDED, SKIPPED):
+            if record["status"] in (SUCCEEDED, SKIPPED, PARTIAL):
                 paths = self.folder.paths(names[record["index"]])
                 keys = [*record["outputs"], *(["qc"] if record["qc"] else [])]
                 missing = [] if problem else [paths[k].name for k in keys if not _is_file(paths[k])]
@@ -748,7 +775,7 @@ class BatchInference:
                 pass
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
                     "overwrite": self.overwrite, "qc": self.qc, "dicom_seg": self.dicom_seg,
-                    "max_voxels": self.max_voxels,
+                    "dicom_seg_required": self.dicom_seg_required, "max_voxels": self.max_voxels,
                     "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
                     "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
         return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,

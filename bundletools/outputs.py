@@ -332,11 +332,18 @@ class OutputFolder:
         return record
 
     # ------------------------------------------------------------------------------------------------ write
-    def write(self, case: str, writers: Mapping[str, Callable[[Path], None]], record: Mapping) -> dict[str, Path]:
+    def write(self, case: str, writers: Mapping[str, Callable[[Path], None]], record: Mapping,
+              optional: Collection[str] = ()) -> tuple[dict[str, Path], dict[str, Exception]]:
         """Write every output of ``case`` with its writer (called with a temporary path that has the final
         extension), sync and hash them, rename them into place, then write ``record`` with their sizes and
-        checksums; returns their final paths. A failure raises, with none of the case's new outputs left under
-        their final names."""
+        checksums.
+
+        A writer of ``optional`` that raises fails only its output (an earlier file of that name is removed); any
+        other failure raises, with none of the case's new outputs left under their final names.
+
+        Returns:
+            (final path of each output written, the error of each optional output that was not).
+        """
         problem = self.changed()
         if problem is not None:
             raise BatchError(f"{problem}; the case's outputs were not written")
@@ -344,14 +351,22 @@ class OutputFolder:
         record_path = self._record_path(case)
         temps: dict[str, Path] = {}
         written: dict[str, dict] = {}
+        failed: dict[str, Exception] = {}
         renamed: list[Path] = []
         try:
             for key, write in writers.items():
                 temps[key] = new_temp_file(self.path, _extension(self.files[key]))
-                write(temps[key])
-                written[key] = _sync_and_hash(temps[key])
+                try:
+                    write(temps[key])
+                    written[key] = _sync_and_hash(temps[key])
+                except Exception as e:
+                    if key not in optional:
+                        raise
+                    failed[key] = e
             self._state_dir(create=True)
             record_path.unlink(missing_ok=True)  # the case is incomplete until its new record is written
+            for key in failed:
+                final[key].unlink(missing_ok=True)
             for key in written:
                 os.replace(temps[key], final[key])
                 renamed.append(final[key])
@@ -369,7 +384,7 @@ class OutputFolder:
             for tmp in temps.values():
                 with suppress(OSError):
                     tmp.unlink(missing_ok=True)
-        return dict(zip(written, renamed))
+        return dict(zip(written, renamed)), failed
 
     def discard(self, case: str) -> None:
         """Remove the outputs and the record of ``case``, which failed: outputs an earlier run made for it came

@@ -28,11 +28,12 @@ import torch.distributed as dist
 
 from .outputs import write_text_atomic
 
-__all__ = ["SUCCEEDED", "SKIPPED", "FAILED", "IGNORED", "printable", "BatchReport"]
+__all__ = ["SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "IGNORED", "printable", "BatchReport"]
 
 logger = logging.getLogger("bundletools.batch")
 
-SUCCEEDED, SKIPPED, FAILED, IGNORED = "succeeded", "skipped", "failed", "ignored"
+SUCCEEDED, SKIPPED, PARTIAL, FAILED, IGNORED = "succeeded", "skipped", "partial", "failed", "ignored"
+STATUSES = (SUCCEEDED, SKIPPED, PARTIAL, FAILED)
 _MAX_LISTED = 20
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -92,9 +93,10 @@ class BatchReport:
         records = sorted(records, key=lambda r: r["index"])
         if len(records) != total:
             raise RuntimeError(f"report has {len(records)} case(s) for {total} in the dataset")
-        counts = {s: sum(r["status"] == s for r in records) for s in (SUCCEEDED, SKIPPED, FAILED)}
+        counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
+        segmented = counts[SUCCEEDED] + counts[PARTIAL]
         summary = {"cases": total, **counts, IGNORED: len(ignored), "seconds": round(seconds, 3),
-                   "cases_per_minute": round(60.0 * counts[SUCCEEDED] / seconds, 3) if seconds > 0 else None,
+                   "cases_per_minute": round(60.0 * segmented / seconds, 3) if seconds > 0 else None,
                    "processes": world, "output_dir": printable(self.output_dir),
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         cases = [{k: v for k, v in r.items() if k != "index"} for r in records]
@@ -145,11 +147,13 @@ class BatchReport:
         ignored = summary[IGNORED]
         where = printable(folder / "report.json") if folder is not None else "not written"
         logger.info(f"batch inference: {summary[SUCCEEDED]} segmented, {summary[SKIPPED]} skipped (complete), "
-                    f"{summary[FAILED]} failed of {summary['cases']} case(s), {ignored} other entr"
+                    + (f"{summary[PARTIAL]} segmented without their DICOM SEG, " if summary[PARTIAL] else "")
+                    + f"{summary[FAILED]} failed of {summary['cases']} case(s), {ignored} other entr"
                     f"{'y' if ignored == 1 else 'ies'} ignored, in {summary['seconds']:.1f} s; report: {where}")
-        failed = [c for c in cases if c["status"] == FAILED]
-        if failed:
-            lines = [f"  - {c['case']}: {c['reason']}" for c in failed[:_MAX_LISTED]]
-            if len(failed) > _MAX_LISTED:
-                lines.append(f"  ... and {len(failed) - _MAX_LISTED} more (see report.json)")
-            logger.error("\n".join([f"{len(failed)} case(s) failed:", *lines]))
+        for status, title in ((PARTIAL, "case(s) lack their DICOM SEG"), (FAILED, "case(s) failed")):
+            listed = [c for c in cases if c["status"] == status]
+            if listed:
+                lines = [f"  - {c['case']}: {c['reason']}" for c in listed[:_MAX_LISTED]]
+                if len(listed) > _MAX_LISTED:
+                    lines.append(f"  ... and {len(listed) - _MAX_LISTED} more (see report.json)")
+                logger.error("\n".join([f"{len(listed)} {title}:", *lines]))

@@ -782,6 +782,71 @@ def test_truncated_changed_or_swapped_outputs_are_redone_on_resume(tmp_path, une
     assert {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"} == good
 
 
+# ----------------------------------------------------------------------- 10: a SEG that cannot be made
+@pytest.fixture
+def dicom_seg_scans(tmp_path, monkeypatch) -> Path:
+    """A folder with an MR series and a NIfTI; the bundle's config on the command line (for metadata.json)."""
+    pytest.importorskip("highdicom")
+    from tests.test_dicomseg import AXIAL, write_mr_series
+
+    scans = tmp_path / "scans"
+    write_mr_series(scans / "series", volume(4, (20, 16, 8)) * 100, (0.9, 0.8, 1.5), (-5.0, 3.0, 4.0), AXIAL)
+    save_nifti(scans / "plain.nii.gz")
+    config = BUNDLES / UNET / "configs" / "inference.json"
+    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", str(config)])
+    return scans
+
+
+def _strip_patient_and_study(folder: Path) -> None:
+    import pydicom
+
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PatientID
+        del ds.StudyInstanceUID
+        ds.save_as(path)
+
+
+def test_a_dicom_seg_that_cannot_be_made_fails_only_the_seg(dicom_seg_scans, tmp_path, unet_root):
+    """Item 10: a series without PatientID and StudyInstanceUID: its NIfTI is written, the case is ``partial``
+    with the SEG's problem, its earlier SEG is removed, exit status 2 unless ``dicom_seg_required`` is false; a
+    rerun does the case again (it is incomplete without its SEG)."""
+    out = tmp_path / "out"
+    assert batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True)[0] == 0
+    assert (out / "series_seg.dcm").is_file()
+
+    _strip_patient_and_study(dicom_seg_scans / "series")
+    status, _ = batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True)
+    assert status == 2
+    report = json.loads((out / "report.json").read_text())
+    cases = by_input(report)
+    series = cases["series"]
+    assert series["status"] == "partial" and series["reason"].startswith("series: the DICOM SEG was not written (")
+    assert series["outputs"] == {"pred": str(out / "series_seg.nii.gz")} and series["output"]
+    assert (out / "series_seg.nii.gz").is_file() and not (out / "series_seg.dcm").exists()
+    assert cases["plain.nii.gz"]["status"] == "skipped" and report["summary"]["partial"] == 1
+    with open(out / "report.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["case"] == "series")
+    assert row["status"] == "partial" and row["dicom_seg"] == "" and row["output"]
+
+    status, report = batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True, dicom_seg_required=False)
+    assert status == 0 and by_input(report)["series"]["status"] == "partial"
+
+
+def test_a_seg_writer_that_cannot_even_start_fails_only_the_seg(dicom_seg_scans, tmp_path, unet_root,
+                                                                monkeypatch):
+    """Item 10: any exception of the SEG writer, also while it is made from the labels, fails only the SEG."""
+    import bundletools.dicomseg
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'Dataset' object has no attribute 'PatientID'")
+
+    monkeypatch.setattr(bundletools.dicomseg, "segmentation_writer", broken)
+    cases = by_input(batch(dicom_seg_scans, tmp_path / "out", unet_root, dicom_seg=True))
+    assert cases["series"]["status"] == "partial" and "AttributeError" in cases["series"]["reason"]
+    assert (tmp_path / "out" / "series_seg.nii.gz").is_file()
+
+
 # --------------------------------------------------------------------------- 13: OUT gone during the run
 class _OnLogLine(logging.Handler):
     """Does ``action`` once, when the runner logs a line holding ``text`` (as an operator acting at that moment)."""
