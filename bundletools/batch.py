@@ -297,7 +297,9 @@ class BatchInference:
             follows ``OMP_NUM_THREADS``; torchrun sets 1 per process).
         runtime: what runs the network: ``"torch"`` (the module itself) or ``"onnxruntime"`` (the network exported
             to ONNX and run by ONNX Runtime on the CPU; needs the ``onnx`` extra). The exported model is cached
-            in ``output_dir/.batch/`` under the model's SHA-256, so only the first run of a model exports it.
+            in ``output_dir/.batch/``, keyed and checked by the checkpoint, the network's structure and the
+            exporter's versions (:class:`bundletools.runtime.OnnxRuntimeNetwork`), so only the first run of a
+            model exports it.
         onnx_path: with ``runtime="onnxruntime"``, an exported model to run instead (for example from
             ``python -m monai.bundle onnx_export``); it must take the inferer's windows.
     """
@@ -487,7 +489,7 @@ class BatchInference:
                              "dropout layers must stay random; use runtime 'torch'")
         return OnnxRuntimeNetwork(self.network, self.output_dir / STATE_DIR, model_sha256,
                                   threads=max(1, self._threads // self._parallel), dynamic_axes=free_axes(self.inferer),
-                                  onnx_path=self.onnx_path, temp_prefix=TMP_PREFIX)
+                                  onnx_path=self.onnx_path)
 
     def _load_weights(self) -> str:
         """Load the checkpoint; returns the SHA-256 of the model: of the checkpoint file, or of the network's
@@ -778,8 +780,9 @@ class BatchInference:
                     "dicom_seg_required": self.dicom_seg_required, "max_voxels": self.max_voxels,
                     "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
                     "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
-        return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
-                "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",
-                          "sha256": model_sha256},
+        model = {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "", "sha256": model_sha256}
+        if self.runtime == "onnxruntime":  # what actually ran: the ONNX models and their checksums
+            model["onnx"] = {printable(p): sha for p, sha in getattr(self._model, "models", {}).items()}
+        return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings, "model": model,
                 "software": software, "host": printable(platform.node()), "processes": world,
                 "started": started_at}

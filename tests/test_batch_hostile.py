@@ -623,6 +623,119 @@ class FakeDisk:
         return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding or "utf-8", errors, newline)
 
 
+# ---------------------------------------------------------------------------- 1: the ONNX cache is bound
+class _TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp_path, caplog):
+    """Item 1 (unit): the cached export is used only when its bytes match its manifest, which names the
+    checkpoint, the structure and the exporter's versions; a changed file, a link in its place and another
+    model's file under its name are exported again (the link's target untouched); a junk ``onnx_path`` is one
+    line naming it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bundletools.outputs import BatchError
+    from bundletools.runtime import OnnxRuntimeNetwork
+
+    torch.manual_seed(0)
+    network = _TinyNet().eval()
+    x = torch.randn(2, 1, 6, 6, 6)
+    expected = network(x).detach()
+    cache = tmp_path / "cache"
+
+    def run(model_sha256: str = "a" * 64) -> torch.Tensor:
+        return OnnxRuntimeNetwork(network, cache, model_sha256)(x)
+
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    (onnx_file,) = cache.glob("model-*.onnx")
+    manifest = json.loads(onnx_file.with_suffix(".json").read_text())
+    assert manifest["model_sha256"] == "a" * 64 and manifest["sha256"] == sha256(onnx_file)
+    assert {"torch", "onnx", "onnxscript", "structure"} <= set(manifest)
+    good = onnx_file.read_bytes()
+
+    caplog.set_level(logging.WARNING)
+    raw = bytearray(good)
+    raw[-8] ^= 0xFF  # one changed byte in the weights
+    onnx_file.write_bytes(bytes(raw))
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert onnx_file.read_bytes() == good and "does not match its manifest" in caplog.text
+
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(bytes(raw))
+    onnx_file.unlink()
+    onnx_file.symlink_to(elsewhere)
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert not onnx_file.is_symlink() and onnx_file.read_bytes() == good
+    assert elsewhere.read_bytes() == bytes(raw)
+
+    run("b" * 64)  # another checkpoint: its own file; copied over ours with its manifest, it is not ours
+    (other,) = [p for p in cache.glob("model-*.onnx") if p != onnx_file]
+    shutil.copy(other, onnx_file)
+    shutil.copy(other.with_suffix(".json"), onnx_file.with_suffix(".json"))
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert json.loads(onnx_file.with_suffix(".json").read_text())["model_sha256"] == "a" * 64
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    for path, message in ((junk, r"junk\.onnx: onnx_path is not an ONNX model ONNX Runtime can load"),
+                          (tmp_path / "none.onnx", r"none\.onnx: onnx_path cannot be read"),
+                          (tmp_path, r"onnx_path is not a regular file")):
+        with pytest.raises(BatchError, match=message):
+            OnnxRuntimeNetwork(network, cache, "a" * 64, onnx_path=path)
+
+
+def _add_to_bias(path: Path, value: float) -> None:
+    """Add ``value`` to the bias of the network's last layer for class 0, in place (as a tampered file would)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    biases = [t for t in model.graph.initializer if len(t.dims) == 1 and t.dims[0] == 3]
+    bias = numpy_helper.to_array(biases[-1]).copy()
+    bias[0] += value
+    biases[-1].CopyFrom(numpy_helper.from_array(bias, biases[-1].name))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.slow
+def test_a_tampered_or_linked_onnx_cache_never_segments(tmp_path, unet_root):
+    """Item 1: 1000 added to a bias of the cached export (every voxel would be label 0) and then a link in its
+    place: each rerun with ``--overwrite`` exports again and writes the first run's labels; report.json names the
+    ONNX file that ran and its SHA-256."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz", volume(1, (24, 24, 20)))
+    first = batch(scans, out, unet_root, runtime="onnxruntime")
+    labels = np.asarray(nib.load(out / "a_seg.nii.gz").dataobj)
+    assert first["cases"][0]["status"] == "succeeded" and len(np.unique(labels)) > 1
+    (cached,) = (out / ".batch").glob("model-*.onnx")
+    exported = sha256(cached)
+
+    _add_to_bias(cached, 1000.0)
+    tampered = cached.read_bytes()
+    report = batch(scans, out, unet_root, runtime="onnxruntime", overwrite=True)
+    assert report["cases"][0]["status"] == "succeeded"
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "a_seg.nii.gz").dataobj), labels)
+    assert cached.read_bytes() != tampered
+    assert first["run"]["model"]["onnx"] == report["run"]["model"]["onnx"] == {str(cached): exported}
+
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(tampered)
+    cached.unlink()
+    cached.symlink_to(elsewhere)
+    batch(scans, out, unet_root, runtime="onnxruntime", overwrite=True)
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "a_seg.nii.gz").dataobj), labels)
+    assert not cached.is_symlink() and elsewhere.read_bytes() == tampered
+
+
 # ------------------------------------------------------------------------- 2: nothing followed out of OUT
 def test_a_state_folder_that_is_a_link_stops_the_run_and_its_target_is_untouched(tmp_path, unet_root):
     """Item 2: ``OUT/.batch`` linking to another folder: the run stops naming the link; the target keeps its
