@@ -68,8 +68,8 @@ from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
 from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
 
-__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "TMP_PREFIX",
-           "LOCK_NAME"]
+__all__ = ["BatchInference", "ConfigError", "failure_reason", "SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED",
+           "TMP_PREFIX", "LOCK_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ DICOM_SEG = "dicom_seg"  # the output key of the DICOM SEG of a case read from a
 _MAX_REASON = 400
 _READ = "cannot read the image"
 EXIT_FAILED, EXIT_NO_REPORT = 2, 3  # a case failed; the report is not in output_dir
+
+
+class ConfigError(BatchError, ValueError):
+    """A setting of the runner has a value it cannot take; the message names the key (the batch cannot start)."""
 
 
 def failure_reason(error: BaseException, source: str | os.PathLike | None = None, stage: str = "failed") -> str:
@@ -140,13 +144,13 @@ def _flag(value: Any, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _positive(value: Any, name: str) -> int:
+def _whole(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
-            or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+            or int(value) < minimum:
+        raise ConfigError(f"{name} must be a {'positive' if minimum else 'non-negative'} whole number, got {value!r}")
     return int(value)
 
 
@@ -347,29 +351,35 @@ class BatchInference:
         self.outputs = {k: dict(v) for k, v in (outputs or DEFAULT_OUTPUTS).items()}
         for key, spec in self.outputs.items():
             if "postfix" not in spec:
-                raise ValueError(f"output {key!r} needs a 'postfix' (the file name is <case>_<postfix>{output_ext})")
+                raise ConfigError(f"output {key!r} needs a 'postfix' (the file name is <case>_<postfix>{output_ext})")
             spec["dtype"] = np.dtype(spec.get("dtype", "float32"))
             spec.setdefault("writer", "image")
             spec.setdefault("ext", output_ext)
             if spec["writer"] not in WRITERS:
-                raise ValueError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
+                raise ConfigError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
         self.image_key, self.pred_key = image_key, pred_key
         self.overwrite, self.qc = _flag(overwrite, "overwrite"), _flag(qc, "qc")
         self.dicom_seg = _flag(dicom_seg, "dicom_seg")
         self.dicom_seg_required = _flag(dicom_seg_required, "dicom_seg_required")
         self.qc_key, self.qc_size = qc_key, int(qc_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = _whole(num_workers, "num_workers", minimum=0)
         self.output_ext = output_ext
-        self.max_voxels = None if max_voxels is None else int(max_voxels)
+        try:
+            self.max_voxels = None if max_voxels is None else int(max_voxels)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"max_voxels must be a whole number of voxels or null, got {max_voxels!r}") from e
         self.bundle_root = bundle_root
         self.exit_on_failure = exit_on_failure
         self.dist_timeout_s = dist_timeout_s
-        self.parallel_cases = None if parallel_cases is None else _positive(parallel_cases, "parallel_cases")
-        self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads")
+        self.parallel_cases = None if parallel_cases is None else _whole(parallel_cases, "parallel_cases")
+        self.num_threads = None if num_threads is None else _whole(num_threads, "num_threads")
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if runtime == "onnxruntime" and self.device.type != "cpu":
-            raise ValueError(f"runtime 'onnxruntime' runs on the CPU; the device is {self.device}")
+            raise ConfigError(f"runtime 'onnxruntime' runs on the CPU; the device is {self.device}")
+        if onnx_path is not None and runtime != "onnxruntime":
+            raise ConfigError(f"onnx_path is given ({onnx_path}) but the runtime is {runtime!r}; add runtime "
+                              "'onnxruntime' to run the ONNX model")
         self.runtime = runtime
         self.onnx_path = onnx_path
         files = {key: f"_{spec['postfix']}{spec['ext']}" for key, spec in self.outputs.items()}
@@ -397,7 +407,8 @@ class BatchInference:
             SystemExit: with ``exit_on_failure``, status 3 when the report could not be written to ``output_dir``
                 (it is in the temporary folder named on stderr), else status 2 when a case failed or is ``partial``
                 and ``dicom_seg_required``.
-            BatchError: the batch cannot start (another batch holds the output folder, no model, ...).
+            BatchError: the batch cannot start (another batch holds the output folder, no model, a bad setting,
+                ...).
         """
         started, started_at = time.perf_counter(), _now()
         rank, world, own_group = self._init_distributed()
@@ -485,8 +496,8 @@ class BatchInference:
         from .runtime import OnnxRuntimeNetwork, free_axes
 
         if isinstance(self.network, MonteCarloUncertainty):
-            raise ValueError("runtime 'onnxruntime' cannot run Monte-Carlo dropout sampling (mc_samples > 0): its "
-                             "dropout layers must stay random; use runtime 'torch'")
+            raise ConfigError("runtime 'onnxruntime' cannot run Monte-Carlo dropout sampling (mc_samples > 0): its "
+                              "dropout layers must stay random; use runtime 'torch'")
         return OnnxRuntimeNetwork(self.network, self.output_dir / STATE_DIR, model_sha256,
                                   threads=max(1, self._threads // self._parallel), dynamic_axes=free_axes(self.inferer),
                                   onnx_path=self.onnx_path)
@@ -504,11 +515,18 @@ class BatchInference:
         path = Path(self.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained model; train the bundle first or pass --ckpt_path <model.pt>")
-        raw = path.read_bytes()
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-            state = state["model"]
-        target.load_state_dict(state)
+        try:
+            raw = path.read_bytes()
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+                state = state["model"]
+            if not isinstance(state, Mapping):
+                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+            target.load_state_dict(state)
+        except Exception as e:  # truncated, not a checkpoint, or another network's weights
+            message = " ".join(str(e).split())
+            raise BatchError(f"{path}: cannot load the model weights (ckpt_path) ({type(e).__name__}: "
+                             f"{message[:300]}{'...' if len(message) > 300 else ''})") from e
         return hashlib.sha256(raw).hexdigest()
 
     def _plan(self, names: list[str], model_sha256: str) -> tuple[list[int], list[dict]]:

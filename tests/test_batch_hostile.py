@@ -960,6 +960,86 @@ def test_a_seg_writer_that_cannot_even_start_fails_only_the_seg(dicom_seg_scans,
     assert (tmp_path / "out" / "series_seg.nii.gz").is_file()
 
 
+# ------------------------------------------------------------------- 12: bad values of real keys, one line
+@pytest.fixture
+def infer_here(monkeypatch, tmp_path, capsys):
+    """``python -m bundletools.infer`` run in this process for real; returns (exit status, stderr). The bundle's
+    logging configuration is left out: it would replace pytest's log capture."""
+    import monai.bundle.workflows
+
+    from bundletools import batch as batch_module
+    from bundletools.infer import main
+
+    monkeypatch.setattr(monai.bundle.workflows, "fileConfig", lambda *args, **kwargs: None)
+    monkeypatch.setattr(batch_module, "RUN_CONFIG_FILES", [])
+    monkeypatch.chdir(tmp_path)
+
+    def infer(*args) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        return exit_info.value.code, capsys.readouterr().err
+
+    yield infer
+    logging.captureWarnings(False)  # main routes warnings to the log for the rest of its process
+
+
+def _bad_values(tmp_path: Path, unet_root: Path) -> list[tuple[list, str]]:
+    """Bad values of real keys, each with what its one line must say."""
+    model = (unet_root / "models" / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(model[: len(model) // 2])
+    (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "junk.onnx").write_text("not a model")
+    return [
+        (["--parallel_cases", "0"], r"parallel_cases must be a positive whole number, got 0"),
+        (["--runtime", "tensorrt"], r"runtime must be one of torch, onnxruntime, got 'tensorrt'"),
+        (["--runtime", "onnxruntime", "--onnx_path", tmp_path / "junk.onnx"],
+         r"junk\.onnx: onnx_path is not an ONNX model ONNX Runtime can load"),
+        (["--onnx_path", tmp_path / "junk.onnx"], r"onnx_path is given .* but the runtime is 'torch'"),
+        (["--ckpt_path", tmp_path / "truncated.pt"], r"truncated\.pt: cannot load the model weights \(ckpt_path\)"),
+        (["--ckpt_path", tmp_path / "garbage.pt"], r"garbage\.pt: cannot load the model weights \(ckpt_path\)"),
+    ]
+
+
+def test_bad_values_of_real_keys_are_one_line_naming_them_exit_1(infer_here, tmp_path, unet_root, caplog):
+    """Item 12 (``python -m bundletools.infer``): ``--parallel_cases 0``, ``--runtime tensorrt``, a junk
+    ``--onnx_path``, a truncated or garbage ``model.pt``: one line on stderr naming the key or the file, exit
+    status 1, the traceback at DEBUG level only."""
+    pytest.importorskip("onnxruntime")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    caplog.set_level(logging.DEBUG, logger="bundletools.infer")
+    for args, message in _bad_values(tmp_path, unet_root):
+        caplog.clear()
+        status, err = infer_here(UNET, scans, tmp_path / "out", "--bundle_root", unet_root, "--num_workers", "0",
+                                 *args)
+        lines = err.strip().splitlines()
+        assert status == 1 and len(lines) == 1 and re.search(message, lines[0]), (args, err[-3000:])
+        assert any(r.exc_info and r.levelno == logging.DEBUG for r in caplog.records), args
+    assert not (tmp_path / "out" / "a_seg.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_bad_values_of_real_keys_are_one_line_from_monai_bundle_run_too(tmp_path, unet_root):
+    """Item 12 (``python -m monai.bundle run``): the same bad values end stderr with one line naming them, with
+    no traceback, exit status 1 (MONAI's own warnings may come before it). Needs bundletools' handler of
+    uncaught user errors (issue 24, items 6/14)."""
+    pytest.importorskip("onnxruntime")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    for args, message in _bad_values(tmp_path, unet_root):
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                               str(BUNDLES / UNET / "configs" / "inference.json"), "--dataset_dir", str(scans),
+                               "--output_dir", str(tmp_path / "out"), "--bundle_root", str(unet_root),
+                               "--num_workers", "0", *map(str, args)], cwd=tmp_path, env=subprocess_env(),
+                              capture_output=True, text=True, errors="replace", timeout=600)
+        last = proc.stderr.strip().splitlines()[-1:]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
+        assert last and re.search(message, last[0]), (args, proc.stderr[-3000:])
+
+
 # --------------------------------------------------------------------------- 13: OUT gone during the run
 class _OnLogLine(logging.Handler):
     """Does ``action`` once, when the runner logs a line holding ``text`` (as an operator acting at that moment)."""
