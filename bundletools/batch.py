@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
@@ -60,10 +60,11 @@ import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from transforms import InvalidImageError
+from transforms import InvalidImageError, SliceAxisLastd
 
 from .data import case_name
-from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
+from .images import (DEFAULT_MAX_VOXELS, DatasetError, check_resampled_size, input_checksum, input_fingerprint,
+                     inspect_image)
 from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
 from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
@@ -154,6 +155,16 @@ def _whole(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def _pixdim(value: Any) -> tuple[float, ...] | None:
+    try:
+        pixdim = None if value is None else tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        pixdim = ()
+    if pixdim is not None and len(pixdim) != 3:
+        raise ConfigError(f"pixdim must be three numbers (mm; 0 keeps an axis's spacing), got {value!r}")
+    return pixdim
+
+
 def _raise(error: Exception, path: Path) -> None:
     """A writer that fails with ``error``: that of an output that could not even be prepared."""
     raise error
@@ -210,16 +221,16 @@ def _first(sample: Any) -> Any:
 
 
 class _Cases(torch.utils.data.Dataset):
-    """The cases to do: header checked, checksummed, read and preprocessed (in DataLoader workers when
-    ``num_workers`` > 0).
+    """The cases to do: header checked (also the size the preprocessing resamples it to), checksummed, read and
+    preprocessed (in DataLoader workers when ``num_workers`` > 0).
 
     Never raises: a case that cannot be loaded comes back as ``{"index", "error", "seconds"}``.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, data: list, indices: list[int], image_key: str,
-                 max_voxels: int | None) -> None:
+                 max_voxels: int | None, pixdim: tuple[float, ...] | None, slice_axis_last: bool) -> None:
         self.dataset, self.data, self.indices, self.image_key = dataset, data, indices, image_key
-        self.max_voxels = max_voxels
+        self.max_voxels, self.pixdim, self.slice_axis_last = max_voxels, pixdim, slice_axis_last
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -233,7 +244,9 @@ class _Cases(torch.utils.data.Dataset):
         try:
             checksums = {}
             if isinstance(source, (str, os.PathLike)):
-                inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
+                header = inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
+                if self.pixdim is not None and self.max_voxels is not None:
+                    check_resampled_size(source, header, self.pixdim, self.max_voxels, self.slice_axis_last)
                 fingerprint = input_fingerprint(source)  # before the checksum: a later change moves it
                 checksums = {"input_sha256": input_checksum(source), "input_fingerprint": fingerprint}
             stage = ""
@@ -283,8 +296,12 @@ class BatchInference:
             does; ``False``: it is reported, and the exit status ignores it.
         num_workers: DataLoader workers reading and preprocessing the next cases while one is segmented.
         output_ext: extension of the written images.
-        max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
-            without being read. ``None``: no limit.
+        max_voxels: the largest input (voxels times channels, from its header) that is read, also once resampled
+            to ``pixdim``; larger ones fail without being read. ``None``: no limit.
+        pixdim: the spacing (mm) the preprocessing resamples to (its ``Spacingd``), per axis after the orientation
+            to RAS and, when the preprocessing has ``transforms.SliceAxisLastd``, with the thickest axis last; an
+            entry of 0 keeps that axis's spacing. With it, ``max_voxels`` is checked against the resampled size,
+            from the header, before the resampling allocates it. ``None``: the input's size only.
         bundle_root: the bundle's folder, recorded in the report (name, version, config files' checksums).
         exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (or is ``partial`` and
             ``dicom_seg_required``), ``SystemExit(3)`` when the report could not be written to ``output_dir`` (the
@@ -331,6 +348,7 @@ class BatchInference:
         num_workers: int = 0,
         output_ext: str = ".nii.gz",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        pixdim: Sequence[float] | None = None,
         bundle_root: str | os.PathLike | None = None,
         exit_on_failure: bool = True,
         dist_timeout_s: float = 24 * 3600,
@@ -368,6 +386,9 @@ class BatchInference:
             self.max_voxels = None if max_voxels is None else int(max_voxels)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"max_voxels must be a whole number of voxels or null, got {max_voxels!r}") from e
+        self.pixdim = _pixdim(pixdim)
+        transforms = getattr(getattr(dataset, "transform", None), "transforms", ())
+        self._slice_axis_last = any(isinstance(t, SliceAxisLastd) for t in transforms)
         self.bundle_root = bundle_root
         self.exit_on_failure = exit_on_failure
         self.dist_timeout_s = dist_timeout_s
@@ -577,7 +598,8 @@ class BatchInference:
         """Segment the cases ``indices``: DataLoader workers read and preprocess the next cases, ``parallel_cases``
         threads infer and postprocess, one thread writes (gzip and fsync wait on the disk while the next case is
         computed). At most ``2 * parallel_cases`` cases are held in memory at once."""
-        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels)
+        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels, self.pixdim,
+                       self._slice_axis_last)
         loader = torch.utils.data.DataLoader(cases, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              collate_fn=_first)
         progress = _Progress(len(indices))
@@ -796,6 +818,7 @@ class BatchInference:
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
                     "overwrite": self.overwrite, "qc": self.qc, "dicom_seg": self.dicom_seg,
                     "dicom_seg_required": self.dicom_seg_required, "max_voxels": self.max_voxels,
+                    "pixdim": list(self.pixdim) if self.pixdim is not None else None,
                     "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
                     "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
         model = {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "", "sha256": model_sha256}

@@ -960,6 +960,40 @@ def test_a_seg_writer_that_cannot_even_start_fails_only_the_seg(dicom_seg_scans,
     assert (tmp_path / "out" / "series_seg.nii.gz").is_file()
 
 
+# ---------------------------------------------------------------------- 11: max_voxels after resampling
+def test_max_voxels_applies_to_the_resampled_volume_before_it_is_made(tmp_path, unet_root):
+    """Item 11: a 16 KB file of 16³ voxels of 50 mm would become 751³ at the bundle's 1 mm: it fails at once,
+    naming the resampled size (with the default max_voxels); 40 mm voxels fail against a lower max_voxels; the
+    CSAM bundle keeps the slice spacing (``pixdim`` 0), so a thick-slice scan is not blown up there."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "huge_voxels.nii", volume(0, (16, 16, 16)), np.diag([50.0, 50.0, 50.0, 1.0]))
+    save_nifti(scans / "coarse.nii.gz", volume(1, (16, 16, 16)), np.diag([40.0, 40.0, 40.0, 1.0]))
+    save_nifti(scans / "normal.nii.gz")
+    assert (scans / "huge_voxels.nii").stat().st_size < 17000
+    cases = by_input(batch(scans, out, unet_root, max_voxels=100_000_000))
+    assert cases["normal.nii.gz"]["status"] == "succeeded"
+    for name, mm, size in (("huge_voxels.nii", 50, "751x751x751 = 4.24e+08"),
+                           ("coarse.nii.gz", 40, "601x601x601 = 2.17e+08")):
+        assert cases[name]["status"] == "failed"
+        assert (f"{name}: its 16x16x16 voxels of {mm}x{mm}x{mm} mm, resampled to the bundle's pixdim (1x1x1 mm), "
+                f"would be {size} voxels, more than max_voxels=1e+08; it was not read") in cases[name]["reason"]
+    (scans / "coarse.nii.gz").unlink()  # within the default max_voxels: it would be resampled
+    default = by_input(batch(scans, tmp_path / "default", unet_root))
+    assert default["huge_voxels.nii"]["status"] == "failed" and "751x751x751" in default["huge_voxels.nii"]["reason"]
+
+    from bundletools.images import ImageHeader, resampled_shape
+
+    thick = ImageHeader((16, 16, 16), np.diag([1.0, 40.0, 1.0, 1.0]))  # the slice axis is y
+    assert resampled_shape(thick, (1.0, 1.0, 0.0), slice_axis_last=True) == (16, 16, 16)  # CSAM
+    assert resampled_shape(thick, (1.0, 1.0, 1.0)) == (16, 601, 16)
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / "csam_unet_segmentation" / "configs" / "inference.json")
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(scans), "output_dir": str(tmp_path / "csam")})
+    csam = parser.get_parsed_content("evaluator")
+    assert csam.pixdim == (1.0, 1.0, 0.0) and csam._slice_axis_last
+
+
 # ------------------------------------------------------------------- 12: bad values of real keys, one line
 @pytest.fixture
 def infer_here(monkeypatch, tmp_path, capsys):
