@@ -5,7 +5,8 @@
 ``cases`` (one record per case: status, reason, outputs, checksums, seconds, rank) and ``ignored`` (entries of
 the input folder that are not cases, each with its reason); ``report.csv`` has one row per case and per ignored
 entry. Names in both, and in the log lines the runner writes, go through :func:`printable`, so a file name that
-is not valid UTF-8 or holds a newline can neither break the report nor forge a line.
+is not valid UTF-8 or holds a newline can neither break the report nor forge a line; report.csv also prefixes a
+cell that a spreadsheet would take for a formula with ``'`` (:func:`csv_cell`).
 
 The report is always written: when the output folder cannot take it (full, read-only, removed or replaced during
 the run), it goes to a new temporary folder instead, and ``summary`` says why and where.
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from .outputs import write_text_atomic
 
-__all__ = ["SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "IGNORED", "printable", "BatchReport"]
+__all__ = ["SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "IGNORED", "printable", "csv_cell", "BatchReport"]
 
 logger = logging.getLogger("bundletools.batch")
 
@@ -36,6 +37,7 @@ SUCCEEDED, SKIPPED, PARTIAL, FAILED, IGNORED = "succeeded", "skipped", "partial"
 STATUSES = (SUCCEEDED, SKIPPED, PARTIAL, FAILED)
 _MAX_LISTED = 20
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _escape(char: str) -> str:
@@ -57,6 +59,12 @@ def printable(text: object) -> str:
     if text.isprintable() and "\\" not in text and text.isascii():  # the common case
         return text
     return "".join(_escape(c) for c in text)
+
+
+def csv_cell(value: object) -> object:
+    """``value`` as a CSV cell that no spreadsheet evaluates: text starting with ``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return gets a leading ``'`` (OWASP's advice against CSV injection); other values are kept."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
 class BatchReport:
@@ -137,9 +145,10 @@ class BatchReport:
         writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for case in cases:
-            writer.writerow({**case, **{k: case["outputs"].get(k, "") for k in extra}})
+            row = {**case, **{k: case["outputs"].get(k, "") for k in extra}}
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
         for entry in ignored:
-            writer.writerow({"status": IGNORED, **entry})
+            writer.writerow({"status": IGNORED, **{k: csv_cell(v) for k, v in entry.items()}})
         return text.getvalue()
 
     def _log(self, report: dict, folder: Path | None) -> None:

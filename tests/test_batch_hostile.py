@@ -895,6 +895,26 @@ def test_truncated_changed_or_swapped_outputs_are_redone_on_resume(tmp_path, une
     assert {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"} == good
 
 
+# ---------------------------------------------------------------------------------------- 9: CSV formulas
+def test_case_names_that_look_like_formulas_are_neutralised_in_the_csv_only(tmp_path, unet_root):
+    """Item 9: names starting with ``=``, ``+``, ``-`` and ``@`` reach report.csv prefixed with ``'`` (so that a
+    spreadsheet shows them as text) and report.json as they are."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    names = ["=1+2", "+cmd", "-2+3", "@SUM(A1)", "plain"]
+    for name in names:
+        save_nifti(scans / f"{name}.nii.gz")
+    (scans / "=HYPERLINK(x).txt").write_text("not an image")
+    report = batch(scans, out, unet_root)
+    assert sorted(c["case"] for c in report["cases"]) == sorted(names)
+    with open(out / "report.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows if r["status"] == "succeeded") == sorted(
+        ["'=1+2", "'+cmd", "'-2+3", "'@SUM(A1)", "plain"])
+    for row in rows:
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values() if v), row
+
+
 # ----------------------------------------------------------------------- 10: a SEG that cannot be made
 @pytest.fixture
 def dicom_seg_scans(tmp_path, monkeypatch) -> Path:
