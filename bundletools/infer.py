@@ -15,14 +15,18 @@ and lists (``[32,32,8]``) are parsed for keys whose default is one; a value star
 expression or reference. A key the bundle does not have is an error that lists the keys it has.
 
 Under ``torchrun`` the processes split the cases. Exit status: 0 when every case was segmented or already
-complete, 2 when a case failed (the report says which and why), 1 when the run could not start (one line on
-stderr names the problem: an unknown bundle or key, a missing input folder or model, a locked output folder).
+complete, 2 when a case failed or lacks its DICOM SEG (the report says which and why), 3 when the report could
+not be written to the output folder (full, read-only, removed or replaced during the run; stderr names the
+temporary folder that holds it), 1 when the run could not start (one line on stderr names the problem: an unknown
+bundle or key, a bad value of a key, a missing input folder, a missing or unreadable model, a locked output
+folder; the traceback is logged at DEBUG level).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -193,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1])
         return
+    logging.captureWarnings(True)  # warnings join the run's log (stdout), so stderr holds an error and nothing else
     try:
         positional, options = parse_command_line(argv)
         if len(positional) != 3:
@@ -211,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         from .report import printable
 
+        logging.getLogger("bundletools.infer").debug("the run could not start", exc_info=True)
         print(f"bundletools.infer: error: {printable(cause)}", file=sys.stderr)
         raise SystemExit(1) from None
 
