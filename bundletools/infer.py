@@ -177,21 +177,6 @@ def _overrides(root: Path, options: dict[str, str | None], bundle: str) -> dict[
     return overrides
 
 
-def _user_error(error: BaseException) -> BaseException | None:
-    """The error in ``error``'s chain that is the user's to fix (a message naming the problem), if any."""
-    from .images import DatasetError
-    from .outputs import BatchError
-
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (CommandLineError, DatasetError, BatchError, FileNotFoundError)):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -211,13 +196,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = _overrides(root, options, bundle)
         infer(str(root), input_dir, output_dir, **overrides)
     except Exception as e:
-        cause = _user_error(e)
+        from .errors import one_line, user_error
+
+        cause = user_error(e)
         if cause is None:
             raise
-        from .report import printable
-
         logging.getLogger("bundletools.infer").debug("the run could not start", exc_info=True)
-        print(f"bundletools.infer: error: {printable(cause)}", file=sys.stderr)
+        print(f"bundletools.infer: error: {one_line(cause)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
