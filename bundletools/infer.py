@@ -33,15 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import CommandLineError, one_line, user_error
+
 __all__ = ["infer", "main", "parse_command_line", "CommandLineError"]
 
 USAGE = ("usage: python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] "
          "[--qc [true|false]] [--dicom_seg [true|false]] [--<config key> <value> ...]")
 _BOOL_WORDS = ("true", "false")
-
-
-class CommandLineError(ValueError):
-    """The command line cannot be run; the message says why in one line."""
 
 
 def _bundle_folder(bundle: str | os.PathLike) -> Path:
@@ -196,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = _overrides(root, options, bundle)
         infer(str(root), input_dir, output_dir, **overrides)
     except Exception as e:
-        from .errors import one_line, user_error
-
         cause = user_error(e)
         if cause is None:
             raise
