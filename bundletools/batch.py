@@ -16,9 +16,10 @@ and preprocesses it (in DataLoader workers), runs the bundle's ``inferer`` and `
   (SHA-256 of the weights), so an interrupted batch resumes and a corrected scan is segmented again
   (``overwrite`` redoes every case);
 - ``report.json`` and ``report.csv`` in ``output_dir``: per case its status (``succeeded``, ``skipped``,
-  ``failed``), reason, outputs, checksums and seconds; every other entry of the input folder as ``ignored`` with
-  its reason; the run's bundle, config, model and software versions. The run exits with status 2 when a case
-  failed;
+  ``partial``: segmented but without its DICOM SEG, ``failed``), reason, outputs, checksums and seconds; every
+  other entry of the input folder as ``ignored`` with its reason; the run's bundle, config, model and software
+  versions. The run exits with status 2 when a case failed (or lacks its DICOM SEG), 3 when the report could not
+  be written to ``output_dir`` (it is then in a temporary folder named on stderr);
 - under ``torchrun`` (``WORLD_SIZE`` > 1) the cases still to do are split between the processes (gloo on the
   CPU, NCCL on GPUs) and their reports merged by rank 0;
 - an optional QC picture per case (``<case>_qc.png``, see :mod:`bundletools.qc`);
@@ -39,11 +40,12 @@ import logging
 import os
 import platform
 import re
+import stat
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
@@ -58,15 +60,17 @@ import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from transforms import InvalidImageError
+from transforms import InvalidImageError, SliceAxisLastd
 
 from .data import case_name
-from .images import DEFAULT_MAX_VOXELS, DatasetError, input_checksum, input_fingerprint, inspect_image
+from .images import (DEFAULT_MAX_VOXELS, DatasetError, check_resampled_size, input_checksum, input_fingerprint,
+                     inspect_image)
 from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
-from .report import FAILED, SKIPPED, SUCCEEDED, BatchReport, printable
+from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
 
-__all__ = ["BatchInference", "failure_reason", "SUCCEEDED", "SKIPPED", "FAILED", "TMP_PREFIX", "LOCK_NAME"]
+__all__ = ["BatchInference", "ConfigError", "failure_reason", "SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED",
+           "TMP_PREFIX", "LOCK_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +79,26 @@ DEFAULT_OUTPUTS = {"pred": {"postfix": "seg", "dtype": "uint8"}}
 DICOM_SEG = "dicom_seg"  # the output key of the DICOM SEG of a case read from a DICOM series
 _MAX_REASON = 400
 _READ = "cannot read the image"
+EXIT_FAILED, EXIT_NO_REPORT = 2, 3  # a case failed; the report is not in output_dir
+
+
+class ConfigError(BatchError, ValueError):
+    """A setting of the runner has a value it cannot take; the message names the key (the batch cannot start)."""
 
 
 def failure_reason(error: BaseException, source: str | os.PathLike | None = None, stage: str = "failed") -> str:
     """A one-line reason for a failed case, ``<input name>: <problem>``, without a traceback, printable.
 
     MONAI wraps errors raised inside a transform chain (``applying transform ...``); the innermost one says what
-    is wrong, after ``stage``. The input checks (:class:`transforms.InvalidImageError`, :class:`DatasetError`)
-    already say what is wrong and are kept as they are. ITK's source locations and line breaks are dropped, and
-    characters that could break a report or a log line are escaped (:func:`bundletools.report.printable`).
+    is wrong, after ``stage``, unless an error of the system (a full disk, a read-only file system) comes first:
+    that one is the reason, whatever it was raised while handling. The input checks
+    (:class:`transforms.InvalidImageError`, :class:`DatasetError`) already say what is wrong and are kept as they
+    are. ITK's source locations and line breaks are dropped, and characters that could break a report or a log
+    line are escaped (:func:`bundletools.report.printable`).
     """
     def inner(e: BaseException) -> BaseException | None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return None
         return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
 
     chain, seen = [error], {id(error)}
@@ -132,14 +145,36 @@ def _flag(value: Any, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _positive(value: Any, name: str) -> int:
+def _whole(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
-            or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+            or int(value) < minimum:
+        raise ConfigError(f"{name} must be a {'positive' if minimum else 'non-negative'} whole number, got {value!r}")
     return int(value)
+
+
+def _pixdim(value: Any) -> tuple[float, ...] | None:
+    try:
+        pixdim = None if value is None else tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        pixdim = ()
+    if pixdim is not None and len(pixdim) != 3:
+        raise ConfigError(f"pixdim must be three numbers (mm; 0 keeps an axis's spacing), got {value!r}")
+    return pixdim
+
+
+def _raise(error: Exception, path: Path) -> None:
+    """A writer that fails with ``error``: that of an output that could not even be prepared."""
+    raise error
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _now() -> str:
@@ -186,16 +221,16 @@ def _first(sample: Any) -> Any:
 
 
 class _Cases(torch.utils.data.Dataset):
-    """The cases to do: header checked, checksummed, read and preprocessed (in DataLoader workers when
-    ``num_workers`` > 0).
+    """The cases to do: header checked (also the size the preprocessing resamples it to), checksummed, read and
+    preprocessed (in DataLoader workers when ``num_workers`` > 0).
 
     Never raises: a case that cannot be loaded comes back as ``{"index", "error", "seconds"}``.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, data: list, indices: list[int], image_key: str,
-                 max_voxels: int | None) -> None:
+                 max_voxels: int | None, pixdim: tuple[float, ...] | None, slice_axis_last: bool) -> None:
         self.dataset, self.data, self.indices, self.image_key = dataset, data, indices, image_key
-        self.max_voxels = max_voxels
+        self.max_voxels, self.pixdim, self.slice_axis_last = max_voxels, pixdim, slice_axis_last
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -209,7 +244,9 @@ class _Cases(torch.utils.data.Dataset):
         try:
             checksums = {}
             if isinstance(source, (str, os.PathLike)):
-                inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
+                header = inspect_image(source, root=item.get("root"), max_voxels=self.max_voxels)
+                if self.pixdim is not None and self.max_voxels is not None:
+                    check_resampled_size(source, header, self.pixdim, self.max_voxels, self.slice_axis_last)
                 fingerprint = input_fingerprint(source)  # before the checksum: a later change moves it
                 checksums = {"input_sha256": input_checksum(source), "input_fingerprint": fingerprint}
             stage = ""
@@ -253,14 +290,22 @@ class BatchInference:
         qc_size: side of each of the three QC panels in pixels.
         dicom_seg: also write ``<case>_seg.dcm``, the DICOM SEG of the segmentation (the first output), for each
             case read from a DICOM series (:mod:`bundletools.dicomseg`; needs highdicom and the bundle's
-            ``metadata.json``). Part of what makes such a case complete.
+            ``metadata.json``). Part of what makes such a case complete. A SEG that cannot be made fails only the
+            SEG: the case keeps its other outputs and is ``partial``, with the SEG's problem as its reason.
+        dicom_seg_required: whether a ``partial`` case (no DICOM SEG) makes the exit status 2, as a failed case
+            does; ``False``: it is reported, and the exit status ignores it.
         num_workers: DataLoader workers reading and preprocessing the next cases while one is segmented.
         output_ext: extension of the written images.
-        max_voxels: the largest input (voxels times channels, from its header) that is read; larger ones fail
-            without being read. ``None``: no limit.
+        max_voxels: the largest input (voxels times channels, from its header) that is read, also once resampled
+            to ``pixdim``; larger ones fail without being read. ``None``: no limit.
+        pixdim: the spacing (mm) the preprocessing resamples to (its ``Spacingd``), per axis after the orientation
+            to RAS and, when the preprocessing has ``transforms.SliceAxisLastd``, with the thickest axis last; an
+            entry of 0 keeps that axis's spacing. With it, ``max_voxels`` is checked against the resampled size,
+            from the header, before the resampling allocates it. ``None``: the input's size only.
         bundle_root: the bundle's folder, recorded in the report (name, version, config files' checksums).
-        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (the exit status pipelines check);
-            otherwise :meth:`run` just returns the report.
+        exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (or is ``partial`` and
+            ``dicom_seg_required``), ``SystemExit(3)`` when the report could not be written to ``output_dir`` (the
+            exit status pipelines check); otherwise :meth:`run` just returns the report.
         dist_timeout_s: timeout of the process group created under torchrun (the last rank to finish waits for
             the others at the end; the torch default of 30 minutes is too short for long batches).
         parallel_cases: cases segmented at the same time, each in a thread of its own (the network and the
@@ -273,7 +318,9 @@ class BatchInference:
             follows ``OMP_NUM_THREADS``; torchrun sets 1 per process).
         runtime: what runs the network: ``"torch"`` (the module itself) or ``"onnxruntime"`` (the network exported
             to ONNX and run by ONNX Runtime on the CPU; needs the ``onnx`` extra). The exported model is cached
-            in ``output_dir/.batch/`` under the model's SHA-256, so only the first run of a model exports it.
+            in ``output_dir/.batch/``, keyed and checked by the checkpoint, the network's structure and the
+            exporter's versions (:class:`bundletools.runtime.OnnxRuntimeNetwork`), so only the first run of a
+            model exports it.
         onnx_path: with ``runtime="onnxruntime"``, an exported model to run instead (for example from
             ``python -m monai.bundle onnx_export``); it must take the inferer's windows.
     """
@@ -297,9 +344,11 @@ class BatchInference:
         qc_key: str = "pred",
         qc_size: int = 256,
         dicom_seg: bool = False,
+        dicom_seg_required: bool = True,
         num_workers: int = 0,
         output_ext: str = ".nii.gz",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        pixdim: Sequence[float] | None = None,
         bundle_root: str | os.PathLike | None = None,
         exit_on_failure: bool = True,
         dist_timeout_s: float = 24 * 3600,
@@ -320,28 +369,38 @@ class BatchInference:
         self.outputs = {k: dict(v) for k, v in (outputs or DEFAULT_OUTPUTS).items()}
         for key, spec in self.outputs.items():
             if "postfix" not in spec:
-                raise ValueError(f"output {key!r} needs a 'postfix' (the file name is <case>_<postfix>{output_ext})")
+                raise ConfigError(f"output {key!r} needs a 'postfix' (the file name is <case>_<postfix>{output_ext})")
             spec["dtype"] = np.dtype(spec.get("dtype", "float32"))
             spec.setdefault("writer", "image")
             spec.setdefault("ext", output_ext)
             if spec["writer"] not in WRITERS:
-                raise ValueError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
+                raise ConfigError(f"output {key!r}: unknown writer {spec['writer']!r}; writers: {sorted(WRITERS)}")
         self.image_key, self.pred_key = image_key, pred_key
         self.overwrite, self.qc = _flag(overwrite, "overwrite"), _flag(qc, "qc")
         self.dicom_seg = _flag(dicom_seg, "dicom_seg")
+        self.dicom_seg_required = _flag(dicom_seg_required, "dicom_seg_required")
         self.qc_key, self.qc_size = qc_key, int(qc_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = _whole(num_workers, "num_workers", minimum=0)
         self.output_ext = output_ext
-        self.max_voxels = None if max_voxels is None else int(max_voxels)
+        try:
+            self.max_voxels = None if max_voxels is None else int(max_voxels)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"max_voxels must be a whole number of voxels or null, got {max_voxels!r}") from e
+        self.pixdim = _pixdim(pixdim)
+        transforms = getattr(getattr(dataset, "transform", None), "transforms", ())
+        self._slice_axis_last = any(isinstance(t, SliceAxisLastd) for t in transforms)
         self.bundle_root = bundle_root
         self.exit_on_failure = exit_on_failure
         self.dist_timeout_s = dist_timeout_s
-        self.parallel_cases = None if parallel_cases is None else _positive(parallel_cases, "parallel_cases")
-        self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads")
+        self.parallel_cases = None if parallel_cases is None else _whole(parallel_cases, "parallel_cases")
+        self.num_threads = None if num_threads is None else _whole(num_threads, "num_threads")
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if runtime == "onnxruntime" and self.device.type != "cpu":
-            raise ValueError(f"runtime 'onnxruntime' runs on the CPU; the device is {self.device}")
+            raise ConfigError(f"runtime 'onnxruntime' runs on the CPU; the device is {self.device}")
+        if onnx_path is not None and runtime != "onnxruntime":
+            raise ConfigError(f"onnx_path is given ({onnx_path}) but the runtime is {runtime!r}; add runtime "
+                              "'onnxruntime' to run the ONNX model")
         self.runtime = runtime
         self.onnx_path = onnx_path
         files = {key: f"_{spec['postfix']}{spec['ext']}" for key, spec in self.outputs.items()}
@@ -366,8 +425,11 @@ class BatchInference:
         """Segment the cases, write the report, and return it (``{"run", "summary", "cases", "ignored"}``).
 
         Raises:
-            SystemExit: status 2 when a case failed and ``exit_on_failure`` (after the report is written).
-            BatchError: the batch cannot start (another batch holds the output folder, no model, ...).
+            SystemExit: with ``exit_on_failure``, status 3 when the report could not be written to ``output_dir``
+                (it is in the temporary folder named on stderr), else status 2 when a case failed or is ``partial``
+                and ``dicom_seg_required``.
+            BatchError: the batch cannot start (another batch holds the output folder, no model, a bad setting,
+                ...).
         """
         started, started_at = time.perf_counter(), _now()
         rank, world, own_group = self._init_distributed()
@@ -381,13 +443,15 @@ class BatchInference:
             names = self.case_names()
             if rank == 0:
                 self.folder.lock()
-                for name in self.folder.remove_stale(BatchReport.is_rank_part):
+                for name in self.folder.remove_stale():
                     logger.info(f"removed {printable(name)}, left behind by an interrupted run")
                 plan = [self._plan(names, model_sha256)]
             else:
                 plan = [None]
             if world > 1:
                 dist.broadcast_object_list(plan, src=0)
+                if rank != 0:
+                    self.folder.bind()
             todo, done = plan[0]
             mine = todo[rank::world]
             self._threads = self.num_threads or threads_before
@@ -403,9 +467,12 @@ class BatchInference:
             records = report.gather(records, rank, world)
             shared = [None]
             if rank == 0:
+                problem = self.folder.changed()
+                records = self._check_outputs(records, names, problem)
                 run = self._run_info(model_sha256, started_at, world)
                 ignored = getattr(self.dataset.data, "ignored", [])
-                shared = [report.write(records, ignored, len(names), run, time.perf_counter() - started, world)]
+                shared = [report.write(records, ignored, len(names), run, time.perf_counter() - started, world,
+                                       problem)]
             if world > 1:
                 dist.broadcast_object_list(shared, src=0)
             result = shared[0]
@@ -415,8 +482,18 @@ class BatchInference:
             self.folder.unlock()
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
-        if result["summary"]["failed"] and self.exit_on_failure:
-            raise SystemExit(2)
+        summary = result["summary"]
+        if "report_error" in summary:
+            if rank == 0:  # the one line a pipeline's log shows even when the report is nowhere to be found
+                where = f"the report is in {summary['report_dir']}" if summary["report_dir"] else "no report"
+                print(f"bundletools.batch: error: {summary['report_error']}; {where}; {summary[SUCCEEDED]} "
+                      f"segmented, {summary[SKIPPED]} skipped, {summary[PARTIAL]} without DICOM SEG, "
+                      f"{summary[FAILED]} failed of {summary['cases']} case(s)"
+                      + (f"; exit status {EXIT_NO_REPORT}" if self.exit_on_failure else ""), file=sys.stderr)
+            if self.exit_on_failure:
+                raise SystemExit(EXIT_NO_REPORT)
+        if self.exit_on_failure and (summary[FAILED] or (summary[PARTIAL] and self.dicom_seg_required)):
+            raise SystemExit(EXIT_FAILED)
         return result
 
     def _init_distributed(self) -> tuple[int, int, bool]:
@@ -440,11 +517,11 @@ class BatchInference:
         from .runtime import OnnxRuntimeNetwork, free_axes
 
         if isinstance(self.network, MonteCarloUncertainty):
-            raise ValueError("runtime 'onnxruntime' cannot run Monte-Carlo dropout sampling (mc_samples > 0): its "
-                             "dropout layers must stay random; use runtime 'torch'")
+            raise ConfigError("runtime 'onnxruntime' cannot run Monte-Carlo dropout sampling (mc_samples > 0): its "
+                              "dropout layers must stay random; use runtime 'torch'")
         return OnnxRuntimeNetwork(self.network, self.output_dir / STATE_DIR, model_sha256,
                                   threads=max(1, self._threads // self._parallel), dynamic_axes=free_axes(self.inferer),
-                                  onnx_path=self.onnx_path, temp_prefix=TMP_PREFIX)
+                                  onnx_path=self.onnx_path)
 
     def _load_weights(self) -> str:
         """Load the checkpoint; returns the SHA-256 of the model: of the checkpoint file, or of the network's
@@ -459,11 +536,18 @@ class BatchInference:
         path = Path(self.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained model; train the bundle first or pass --ckpt_path <model.pt>")
-        raw = path.read_bytes()
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-            state = state["model"]
-        target.load_state_dict(state)
+        try:
+            raw = path.read_bytes()
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+                state = state["model"]
+            if not isinstance(state, Mapping):
+                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+            target.load_state_dict(state)
+        except Exception as e:  # truncated, not a checkpoint, or another network's weights
+            message = " ".join(str(e).split())
+            raise BatchError(f"{path}: cannot load the model weights (ckpt_path) ({type(e).__name__}: "
+                             f"{message[:300]}{'...' if len(message) > 300 else ''})") from e
         return hashlib.sha256(raw).hexdigest()
 
     def _plan(self, names: list[str], model_sha256: str) -> tuple[list[int], list[dict]]:
@@ -476,6 +560,7 @@ class BatchInference:
             if problem:
                 reason = failure_reason(DatasetError(problem), source)
                 logger.warning(f"{printable(case)}: FAILED: {reason}")
+                self.folder.discard(case)
                 done.append(self._record(index, case, FAILED, reason))
                 continue
             previous = None if self.overwrite else self.folder.record(case, self._case_keys(source))
@@ -513,7 +598,8 @@ class BatchInference:
         """Segment the cases ``indices``: DataLoader workers read and preprocess the next cases, ``parallel_cases``
         threads infer and postprocess, one thread writes (gzip and fsync wait on the disk while the next case is
         computed). At most ``2 * parallel_cases`` cases are held in memory at once."""
-        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels)
+        cases = _Cases(self.dataset, self.dataset.data, indices, self.image_key, self.max_voxels, self.pixdim,
+                       self._slice_axis_last)
         loader = torch.utils.data.DataLoader(cases, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              collate_fn=_first)
         progress = _Progress(len(indices))
@@ -570,19 +656,31 @@ class BatchInference:
         def failed(reason: str, trace: str, seconds: float) -> dict:
             logger.debug(f"case {printable(case)}:\n{trace}")
             logger.warning(f"[{progress.next()}/{progress.total}] {printable(case)}: FAILED: {reason}")
+            self.folder.discard(case)
             return self._record(index, case, FAILED, reason, seconds=seconds, rank=rank, **checksums)
 
         def write() -> dict:
             start = time.perf_counter()
             try:
-                outputs = self.folder.write(case, writers, {**provenance, "written": _now()})
+                outputs, problems = self.folder.write(case, writers, {**provenance, "written": _now()},
+                                                      optional=[DICOM_SEG])
             except Exception as e:
-                return failed(failure_reason(e, source, "segmentation failed"), traceback.format_exc(),
+                return failed(failure_reason(e, source, "writing the outputs failed"), traceback.format_exc(),
                               seconds + time.perf_counter() - start)
             finally:
                 slots.release()
             total = seconds + time.perf_counter() - start
-            logger.info(f"[{progress.next()}/{progress.total}] {printable(case)}: segmented in {total:.1f} s")
+            step = f"[{progress.next()}/{progress.total}] {printable(case)}"
+            if problems:  # the DICOM SEG could not be made: the case keeps its other outputs
+                reason = "; ".join(failure_reason(e, source, "the DICOM SEG was not written")
+                                   for e in problems.values())
+                for e in problems.values():
+                    logger.debug(f"case {printable(case)}:\n"
+                                 + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+                logger.warning(f"{step}: segmented in {total:.1f} s, but {reason}")
+                return self._record(index, case, PARTIAL, reason, outputs=outputs, seconds=total, rank=rank,
+                                    **checksums)
+            logger.info(f"{step}: segmented in {total:.1f} s")
             return self._record(index, case, SUCCEEDED, outputs=outputs, seconds=total, rank=rank, **checksums)
 
         if reason:
@@ -623,8 +721,28 @@ class BatchInference:
 
                 names, algorithm = self._seg_info
                 labels = data[next(iter(self.outputs))]  # the segmentation: the first declared output
-                writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
+                try:
+                    writers[DICOM_SEG] = segmentation_writer(labels, names, algorithm, source=source)
+                except Exception as e:  # fails only the SEG, when the folder writes it (OutputFolder.write)
+                    writers[DICOM_SEG] = partial(_raise, e)
             return writers
+
+    def _check_outputs(self, records: list[dict], names: list[str], problem: str | None) -> list[dict]:
+        """The records as the report must state them: a case whose outputs are gone by now (removed during the
+        run, or with the whole output folder, as ``problem`` says) failed, whatever it was before."""
+        checked = []
+        for record in records:
+            if record["status"] in (SUCCEEDED, SKIPPED, PARTIAL):
+                paths = self.folder.paths(names[record["index"]])
+                keys = [*record["outputs"], *(["qc"] if record["qc"] else [])]
+                missing = [] if problem else [paths[k].name for k in keys if not _is_file(paths[k])]
+                if problem or missing:
+                    why = problem or f"{', '.join(missing)} no longer there: removed during the run"
+                    source = self.dataset.data[record["index"]][self.image_key]
+                    record = {**record, "status": FAILED, "output": "", "outputs": {}, "qc": "",
+                              "reason": failure_reason(DatasetError(f"its outputs are lost: {why}"), source)}
+            checked.append(record)
+        return checked
 
     def _case_keys(self, source: Any) -> list[str]:
         """The outputs a case has: all declared ones, and the DICOM SEG when enabled and the input is a series."""
@@ -699,11 +817,13 @@ class BatchInference:
                 pass
         settings = {"outputs": {k: {**v, "dtype": str(v["dtype"])} for k, v in self.outputs.items()},
                     "overwrite": self.overwrite, "qc": self.qc, "dicom_seg": self.dicom_seg,
-                    "max_voxels": self.max_voxels,
+                    "dicom_seg_required": self.dicom_seg_required, "max_voxels": self.max_voxels,
+                    "pixdim": list(self.pixdim) if self.pixdim is not None else None,
                     "num_workers": self.num_workers, "device": str(self.device), "amp": self.amp,
                     "parallel_cases": self._parallel, "num_threads": self._threads, "runtime": self.runtime}
-        return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings,
-                "model": {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "",
-                          "sha256": model_sha256},
+        model = {"path": printable(self.ckpt_path) if self.ckpt_path is not None else "", "sha256": model_sha256}
+        if self.runtime == "onnxruntime":  # what actually ran: the ONNX models and their checksums
+            model["onnx"] = {printable(p): sha for p, sha in getattr(self._model, "models", {}).items()}
+        return {"bundle": bundle, "command": printable(" ".join(sys.argv)), "settings": settings, "model": model,
                 "software": software, "host": printable(platform.node()), "processes": world,
                 "started": started_at}

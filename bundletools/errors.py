@@ -19,21 +19,26 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["user_error", "one_line", "traceback_wanted", "excepthook", "install_excepthook"]
+__all__ = ["CommandLineError", "user_error", "one_line", "traceback_wanted", "excepthook", "install_excepthook"]
 
 TRACEBACK_VARIABLE = "BUNDLETOOLS_TRACEBACK"
+
+
+class CommandLineError(ValueError):
+    """A command line cannot be run; the message says why in one line. (Defined here, not in
+    :mod:`bundletools.infer`: run as ``python -m bundletools.infer``, that module is ``__main__``, and a class
+    defined there would not be the one this module checks for.)"""
 
 
 def user_error(error: BaseException) -> BaseException | None:
     """The error in ``error``'s chain of causes that is the user's to fix, if any: a
     :class:`~bundletools.data.DatasetError`, :class:`~bundletools.outputs.BatchError`,
-    :class:`~bundletools.infer.CommandLineError` or ``FileNotFoundError``.
+    :class:`CommandLineError` or ``FileNotFoundError``.
 
     Only explicit causes (``raise ... from``) are followed, as MONAI's wrappers raise them: an exception raised
     while another was being handled (``__context__``) is a new problem, and its traceback must stay visible.
     """
     from .images import DatasetError
-    from .infer import CommandLineError
     from .outputs import BatchError
 
     seen: set[int] = set()

@@ -4,7 +4,8 @@
 :func:`inspect_image` reads only the header of a NIfTI, NRRD or MetaImage file, or of the slices of a DICOM series
 folder, and refuses, with a :class:`DatasetError` naming the file, what must not be read or cannot be kept:
 
-- more voxels than ``max_voxels`` (a header claiming 1000³ voxels is refused before 4 GB are allocated);
+- more voxels than ``max_voxels`` (a header claiming 1000³ voxels is refused before 4 GB are allocated), also once
+  resampled to the bundle's spacing (:func:`check_resampled_size`: 16³ voxels of 50 mm would become 751³ at 1 mm);
 - a detached header (``.mhd``, ``.nhdr``) whose data files lie outside the input folder;
 - a geometry that cannot be kept: NaN in the affine (sform/qform), a singular affine (an axis of length zero,
   collinear axes) or a non-orthogonal direction (shear), which the outputs could not carry;
@@ -25,6 +26,7 @@ import hashlib
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -36,6 +38,8 @@ __all__ = [
     "DEFAULT_MAX_VOXELS",
     "ImageHeader",
     "inspect_image",
+    "resampled_shape",
+    "check_resampled_size",
     "is_dicom_file",
     "is_dicom_folder",
     "check_dicom_series",
@@ -507,6 +511,47 @@ def inspect_image(path: str | os.PathLike, root: str | os.PathLike | None = None
     if check_geometry:
         _check_geometry(path, header)
     return header
+
+
+def resampled_shape(header: ImageHeader, pixdim: Sequence[float], slice_axis_last: bool = False) -> tuple[int, ...]:
+    """The spatial shape the inference preprocessing resamples the image of ``header`` to: oriented to RAS
+    (``Orientationd``), with the thickest axis moved last when ``slice_axis_last`` (``transforms.SliceAxisLastd``),
+    then ``Spacingd`` to ``pixdim`` (an entry <= 0 keeps that axis's spacing), whose size per axis is
+    ``round((n - 1) * spacing / pixdim) + 1``."""
+    from transforms.slices import slice_last_order
+
+    ras_axis = nib.orientations.io_orientation(header.affine)[:, 0].astype(int)
+    shape, spacing = np.empty(3), np.empty(3)
+    shape[ras_axis], spacing[ras_axis] = header.spatial_shape, header.spacing
+    if slice_axis_last:
+        order = slice_last_order(spacing)
+        shape, spacing = shape[order], spacing[order]
+    target = np.where(np.asarray(pixdim, dtype=float) > 0, pixdim, spacing)
+    return tuple(int(round((n - 1) * s / t)) + 1 for n, s, t in zip(shape, spacing, target))
+
+
+def check_resampled_size(path: str | os.PathLike, header: ImageHeader, pixdim: Sequence[float], max_voxels: int,
+                         slice_axis_last: bool = False) -> None:
+    """Refuse, before anything is allocated, an image that resampled to ``pixdim`` (see :func:`resampled_shape`)
+    would hold more than ``max_voxels`` voxels times channels: a small file of huge voxels can blow up to
+    gigabytes. Images that are not 3D are left to the input checks.
+
+    Raises:
+        DatasetError: naming ``path``, its voxels and the resampled size.
+    """
+    if header.spatial_dims != 3 or len(header.shape) < 3:
+        return
+    shape = resampled_shape(header, pixdim, slice_axis_last)
+    channels = header.voxels // max(1, int(np.prod(header.spatial_shape, dtype=np.int64)))
+    voxels = int(np.prod(shape, dtype=np.int64)) * channels
+    if voxels > max_voxels:
+        spacing = "x".join(f"{s:.4g}" for s in header.spacing)
+        target = "x".join(f"{p:g}" if p > 0 else "kept" for p in pixdim)
+        raise DatasetError(f"{path}: its {'x'.join(map(str, header.spatial_shape))} voxels of {spacing} mm, "
+                           f"resampled to the bundle's pixdim ({target} mm), would be {'x'.join(map(str, shape))}"
+                           f"{f' x {channels} channels' if channels > 1 else ''} = {voxels:.3g} voxels, more than "
+                           f"max_voxels={max_voxels:.3g}; it was not read (check the header's voxel size, or raise "
+                           "max_voxels to segment it)")
 
 
 # ---------------------------------------------------------------------------------------------------- checksums

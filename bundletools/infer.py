@@ -15,29 +15,31 @@ and lists (``[32,32,8]``) are parsed for keys whose default is one; a value star
 expression or reference. A key the bundle does not have is an error that lists the keys it has.
 
 Under ``torchrun`` the processes split the cases. Exit status: 0 when every case was segmented or already
-complete, 2 when a case failed (the report says which and why), 1 when the run could not start (one line on
-stderr names the problem: an unknown bundle or key, a missing input folder or model, a locked output folder).
+complete, 2 when a case failed or lacks its DICOM SEG (the report says which and why), 3 when the report could
+not be written to the output folder (full, read-only, removed or replaced during the run; stderr names the
+temporary folder that holds it), 1 when the run could not start (one line on stderr names the problem: an unknown
+bundle or key, a bad value of a key, a missing input folder, a missing or unreadable model, a locked output
+folder; the traceback is logged at DEBUG level).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import CommandLineError, one_line, user_error
+
 __all__ = ["infer", "main", "parse_command_line", "CommandLineError"]
 
 USAGE = ("usage: python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] "
          "[--qc [true|false]] [--dicom_seg [true|false]] [--<config key> <value> ...]")
 _BOOL_WORDS = ("true", "false")
-
-
-class CommandLineError(ValueError):
-    """The command line cannot be run; the message says why in one line."""
 
 
 def _bundle_folder(bundle: str | os.PathLike) -> Path:
@@ -173,26 +175,12 @@ def _overrides(root: Path, options: dict[str, str | None], bundle: str) -> dict[
     return overrides
 
 
-def _user_error(error: BaseException) -> BaseException | None:
-    """The error in ``error``'s chain that is the user's to fix (a message naming the problem), if any."""
-    from .images import DatasetError
-    from .outputs import BatchError
-
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (CommandLineError, DatasetError, BatchError, FileNotFoundError)):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1])
         return
+    logging.captureWarnings(True)  # warnings join the run's log (stdout), so stderr holds an error and nothing else
     try:
         positional, options = parse_command_line(argv)
         if len(positional) != 3:
@@ -206,12 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = _overrides(root, options, bundle)
         infer(str(root), input_dir, output_dir, **overrides)
     except Exception as e:
-        cause = _user_error(e)
+        cause = user_error(e)
         if cause is None:
             raise
-        from .report import printable
-
-        print(f"bundletools.infer: error: {printable(cause)}", file=sys.stderr)
+        logging.getLogger("bundletools.infer").debug("the run could not start", exc_info=True)
+        print(f"bundletools.infer: error: {one_line(cause)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

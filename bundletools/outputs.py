@@ -5,14 +5,23 @@
 
 - **Lock** (``.batch.lock``): one batch at a time. The file is opened without following a symbolic link, never
   truncated or written, and locked with ``flock``; the descriptor is close-on-exec and closed in every process
-  forked while it is held (DataLoader workers), so the lock dies with the process that took it.
+  forked while it is held (DataLoader workers), so the lock dies with the process that took it. While the run
+  holds it, the lock file is how the folder is recognised: a folder removed or replaced during the run (where
+  ``.batch.lock`` is gone or another file) is never written to as if it were the locked one
+  (:meth:`OutputFolder.changed`).
+- **Nothing is followed through a symbolic link:** ``.batch`` must be a folder of its own (a link there stops the
+  run), temporary files are created exclusively (a link planted under a temporary name is never written through),
+  records and outputs are read without following links, and a link in place of an output or record is replaced
+  by the rename, never written through. Nothing outside the folder is written or deleted.
 - **Writes**: each output of a case is written under a short temporary name (``.tmp-<pid>-<n><ext>``, whatever the
-  case name's length), flushed to disk (``fsync``), then renamed into place; the folder is synced after the
-  renames. A case's outputs are only ever seen complete under their final names.
+  case name's length), flushed to disk (``fsync``) and hashed, then renamed into place; the folder is synced after
+  the renames. A case's outputs are only ever seen complete under their final names, and a case whose write fails
+  leaves none of its outputs under their final names.
 - **Completeness**: next to the outputs, ``.batch/<digest>.json`` records which input (its SHA-256) and which
-  model (SHA-256 of the weights) produced them. It is removed before a case's outputs are replaced and written
-  after, so a case is complete only when all its outputs exist and its record matches the current input and model.
-- **Stale files**: temporary files and rank reports of a killed run are removed (safe: the lock is held).
+  model (SHA-256 of the weights) produced them, and each output's size and SHA-256. It is removed before a case's
+  outputs are replaced and written after, so a case is complete only when its record matches the current input and
+  model and every output is the file the record describes (truncated, changed or swapped outputs are not).
+- **Stale files**: temporary files of a killed run are removed (safe: the lock is held).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Collection, Mapping
+from contextlib import suppress
 from pathlib import Path
 
 try:  # advisory lock on the output folder (POSIX); without it, concurrent runs are simply not detected
@@ -32,8 +42,8 @@ try:  # advisory lock on the output folder (POSIX); without it, concurrent runs 
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["BatchError", "OutputFolder", "write_text_atomic", "fsync_folder", "LOCK_NAME", "TMP_PREFIX",
-           "STATE_DIR"]
+__all__ = ["BatchError", "OutputFolder", "write_text_atomic", "fsync_folder", "new_temp_file", "read_regular_file",
+           "LOCK_NAME", "TMP_PREFIX", "STATE_DIR"]
 
 logger = logging.getLogger("bundletools.batch")
 
@@ -42,6 +52,8 @@ TMP_PREFIX = ".tmp-"
 STATE_DIR = ".batch"
 _COUNTER = itertools.count()
 _HELD_LOCKS: set[int] = set()
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CHUNK = 1 << 20
 
 
 class BatchError(RuntimeError):
@@ -76,22 +88,75 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
+def _open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of the regular file ``path``; a symbolic link or anything else is an ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
 
 
-def _temp_path(folder: Path, ext: str = "") -> Path:
-    return folder / f"{TMP_PREFIX}{os.getpid()}-{next(_COUNTER)}{ext}"
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file ``path``, read without following a symbolic link (``OSError`` otherwise)."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _sync_and_hash(path: Path) -> dict:
+    """Flush the just written file ``path`` to disk; returns its size and SHA-256 (read from the page cache)."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        digest, size = hashlib.sha256(), 0
+        while block := f.read(_CHUNK):
+            digest.update(block)
+            size += len(block)
+        os.fsync(fd)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _fingerprint(st: os.stat_result) -> str:
+    """Size, device, inode and times of a file: equal fingerprints mean an untouched file (the change time moves
+    with any write or rename), so outputs are hashed again only when theirs moved."""
+    return f"{st.st_size} {st.st_dev} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def _intact(path: Path, expected: Mapping) -> bool:
+    """Whether ``path`` is a regular file (not a link) with the recorded size and SHA-256."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != expected.get("size"):
+            return False
+        if _fingerprint(st) == expected.get("fingerprint"):
+            return True
+        fd = _open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            digest = hashlib.sha256()
+            while block := f.read(_CHUNK):
+                digest.update(block)
+        return digest.hexdigest() == expected.get("sha256")
+    except OSError:
+        return False
+
+
+def new_temp_file(folder: Path, ext: str = "") -> Path:
+    """A new empty file ``folder/.tmp-<pid>-<n><ext>``, created exclusively: whatever already has that name (a
+    link planted there) is never written through."""
+    while True:
+        path = folder / f"{TMP_PREFIX}{os.getpid()}-{next(_COUNTER)}{ext}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` through a temporary file, synced, then renamed into place."""
+    """Write UTF-8 ``text`` to ``path`` through a temporary file, synced, then renamed into place (a link at
+    ``path`` is replaced, not followed)."""
     path = Path(path)
-    tmp = _temp_path(path.parent, path.suffix)
+    tmp = new_temp_file(path.parent, path.suffix)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -100,7 +165,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _extension(suffix: str) -> str:
@@ -124,13 +190,14 @@ class OutputFolder:
         self.path = Path(path)
         self.files = dict(files)
         self._lock_fd: int | None = None
+        self._identity: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------------------------------------- lock
     def lock(self) -> None:
         """Take the folder's lock, or raise :class:`BatchError` naming the folder and the problem."""
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK_NAME
-        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as e:
@@ -153,6 +220,8 @@ class OutputFolder:
                                  "to finish or use another output_dir") from e
         self._lock_fd = fd
         _HELD_LOCKS.add(fd)
+        self.bind()
+        self._state_dir(create=False)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -160,17 +229,64 @@ class OutputFolder:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def remove_stale(self, is_stale: Callable[[str], bool] = lambda name: False) -> list[str]:
-        """Remove the temporary files of a killed run (and the files ``is_stale`` names); returns their names.
-        Only with the lock held."""
+    def bind(self) -> None:
+        """Note the lock file's device and inode, so that :meth:`changed` sees the folder removed or replaced (the
+        held lock keeps that inode from being reused). :meth:`lock` does it; the other processes of a torchrun
+        batch call it once the folder is locked."""
+        st = os.lstat(self.path / LOCK_NAME)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def changed(self) -> str | None:
+        """Why the folder is no longer the one noted by :meth:`bind` (removed, or replaced by another), or
+        ``None``."""
+        try:
+            st = os.lstat(self.path / LOCK_NAME)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self._identity:
+            return None
+        if not self.path.is_dir():
+            return f"{self.path}: the output folder was removed during the run"
+        return (f"{self.path}: the output folder was replaced during the run (its {LOCK_NAME} is not the one this "
+                "run locked)")
+
+    def _state_dir(self, create: bool) -> Path:
+        """``.batch``, checked to be a folder of its own; a symbolic link there (which would make the runner delete
+        and write files in the link's target) or any other file is a :class:`BatchError`."""
+        path = self.path / STATE_DIR
+        if create:
+            with suppress(FileExistsError):
+                path.mkdir()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if create:
+                raise
+            return path
+        if stat.S_ISLNK(st.st_mode):
+            raise BatchError(f"{path}: is a symbolic link; the runner keeps its records in the output folder itself: "
+                             "remove the link (nothing was deleted or written through it)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise BatchError(f"{path}: is not a folder; the runner keeps its records there: remove it")
+        return path
+
+    def remove_stale(self) -> list[str]:
+        """Remove the temporary files of a killed run; returns their names. Only with the lock held."""
         removed = []
-        for folder in (self.path, self.path / STATE_DIR):
-            if not folder.is_dir():
+        for folder in (self.path, self._state_dir(create=False)):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
                 continue
-            for entry in os.scandir(folder):
-                if entry.name.startswith(TMP_PREFIX) or (folder == self.path and is_stale(entry.name)):
-                    Path(entry.path).unlink(missing_ok=True)
-                    removed.append(entry.name)
+            for entry in entries:
+                if not entry.name.startswith(TMP_PREFIX) or entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    os.unlink(entry.path)  # a link is removed itself, never its target
+                except OSError as e:
+                    logger.warning(f"cannot remove {entry.path}, left behind by an interrupted run ({e.strerror})")
+                    continue
+                removed.append(entry.name)
         return removed
 
     # --------------------------------------------------------------------------------------------- names
@@ -196,36 +312,95 @@ class OutputFolder:
 
     # ----------------------------------------------------------------------------------------- completeness
     def record(self, case: str, keys: Collection[str] | None = None) -> dict | None:
-        """What produced the outputs of ``case`` (written by :meth:`write`) when they are all there (those of
-        ``keys`` only, when given: the outputs this case has), else ``None``."""
-        paths = [p for k, p in self.paths(case).items() if keys is None or k in keys]
-        if not all(p.is_file() and p.stat().st_size > 0 for p in paths):
-            return None
+        """What produced the outputs of ``case`` (written by :meth:`write`) when they are all there, each the file
+        the record describes (those of ``keys`` only, when given: the outputs this case has), else ``None``."""
         try:
-            record = json.loads(self._record_path(case).read_text(encoding="utf-8"))
+            record = json.loads(read_regular_file(self._record_path(case)).decode("utf-8"))
         except (OSError, ValueError):
             return None
-        return record if record.get("case_bytes") == os.fsencode(case).hex() else None
+        if not isinstance(record, dict) or record.get("case_bytes") != os.fsencode(case).hex():
+            return None
+        outputs = record.get("outputs")
+        if not isinstance(outputs, dict):  # a record of an older runner, without checksums: redo the case
+            return None
+        for key, path in self.paths(case).items():
+            if keys is not None and key not in keys:
+                continue
+            expected = outputs.get(key)
+            if not isinstance(expected, dict) or expected.get("file") != path.name or not _intact(path, expected):
+                return None
+        return record
 
     # ------------------------------------------------------------------------------------------------ write
-    def write(self, case: str, writers: Mapping[str, Callable[[Path], None]], record: Mapping) -> dict[str, Path]:
+    def write(self, case: str, writers: Mapping[str, Callable[[Path], None]], record: Mapping,
+              optional: Collection[str] = ()) -> tuple[dict[str, Path], dict[str, Exception]]:
         """Write every output of ``case`` with its writer (called with a temporary path that has the final
-        extension), sync them, rename them into place, then write ``record``; returns their final paths."""
+        extension), sync and hash them, rename them into place, then write ``record`` with their sizes and
+        checksums.
+
+        A writer of ``optional`` that raises fails only its output (an earlier file of that name is removed); any
+        other failure raises, with none of the case's new outputs left under their final names.
+
+        Returns:
+            (final path of each output written, the error of each optional output that was not).
+        """
+        problem = self.changed()
+        if problem is not None:
+            raise BatchError(f"{problem}; the case's outputs were not written")
         final = self.paths(case)
+        record_path = self._record_path(case)
         temps: dict[str, Path] = {}
+        written: dict[str, dict] = {}
+        failed: dict[str, Exception] = {}
+        renamed: list[Path] = []
         try:
             for key, write in writers.items():
-                temps[key] = _temp_path(self.path, _extension(self.files[key]))
-                write(temps[key])
-                _fsync_file(temps[key])
-            record_path = self._record_path(case)
+                temps[key] = new_temp_file(self.path, _extension(self.files[key]))
+                try:
+                    write(temps[key])
+                    written[key] = _sync_and_hash(temps[key])
+                except Exception as e:
+                    if key not in optional:
+                        raise
+                    failed[key] = e
+            self._state_dir(create=True)
             record_path.unlink(missing_ok=True)  # the case is incomplete until its new record is written
-            for key, tmp in temps.items():
-                os.replace(tmp, final[key])
+            for key in failed:
+                final[key].unlink(missing_ok=True)
+            for key in written:
+                os.replace(temps[key], final[key])
+                renamed.append(final[key])
             fsync_folder(self.path)
-            record_path.parent.mkdir(exist_ok=True)
-            write_text_atomic(record_path, json.dumps({**record, "case_bytes": os.fsencode(case).hex()}, indent=1))
+            for key, path in zip(written, renamed):
+                written[key].update(file=path.name, fingerprint=_fingerprint(os.lstat(path)))
+            write_text_atomic(record_path, json.dumps({**record, "outputs": written,
+                                                       "case_bytes": os.fsencode(case).hex()}, indent=1))
+        except BaseException:
+            for path in renamed:  # a failed case keeps none of its outputs
+                with suppress(OSError):
+                    path.unlink()
+            raise
         finally:
             for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
-        return {key: final[key] for key in writers}
+                with suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+        return dict(zip(written, renamed)), failed
+
+    def discard(self, case: str) -> None:
+        """Remove the outputs and the record of ``case``, which failed: outputs an earlier run made for it came
+        from another input or model, or an input that no longer reads, and must not pass for this run's. Nothing
+        is removed from a folder that :meth:`changed`."""
+        if self.changed() is not None:
+            return
+        paths = list(self.paths(case).values())
+        with suppress(BatchError):  # a .batch that is not the folder's own is never entered
+            self._state_dir(create=False)
+            paths.append(self._record_path(case))
+        for path in paths:
+            try:
+                path.unlink()  # a link is removed itself, never its target
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    logger.warning(f"cannot remove {path} of a failed case ({e.strerror})")

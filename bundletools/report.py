@@ -5,7 +5,11 @@
 ``cases`` (one record per case: status, reason, outputs, checksums, seconds, rank) and ``ignored`` (entries of
 the input folder that are not cases, each with its reason); ``report.csv`` has one row per case and per ignored
 entry. Names in both, and in the log lines the runner writes, go through :func:`printable`, so a file name that
-is not valid UTF-8 or holds a newline can neither break the report nor forge a line.
+is not valid UTF-8 or holds a newline can neither break the report nor forge a line; report.csv also prefixes a
+cell that a spreadsheet would take for a formula with ``'`` (:func:`csv_cell`).
+
+The report is always written: when the output folder cannot take it (full, read-only, removed or replaced during
+the run), it goes to a new temporary folder instead, and ``summary`` says why and where.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import csv
 import io
 import json
 import logging
-import re
+import tempfile
 import unicodedata
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,14 +29,15 @@ import torch.distributed as dist
 
 from .outputs import write_text_atomic
 
-__all__ = ["SUCCEEDED", "SKIPPED", "FAILED", "IGNORED", "printable", "BatchReport"]
+__all__ = ["SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED", "IGNORED", "printable", "csv_cell", "BatchReport"]
 
 logger = logging.getLogger("bundletools.batch")
 
-SUCCEEDED, SKIPPED, FAILED, IGNORED = "succeeded", "skipped", "failed", "ignored"
+SUCCEEDED, SKIPPED, PARTIAL, FAILED, IGNORED = "succeeded", "skipped", "partial", "failed", "ignored"
+STATUSES = (SUCCEEDED, SKIPPED, PARTIAL, FAILED)
 _MAX_LISTED = 20
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_RANK_PART = re.compile(r"\.report\.rank\d+\.json")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _escape(char: str) -> str:
@@ -55,6 +61,12 @@ def printable(text: object) -> str:
     return "".join(_escape(c) for c in text)
 
 
+def csv_cell(value: object) -> object:
+    """``value`` as a CSV cell that no spreadsheet evaluates: text starting with ``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return gets a leading ``'`` (OWASP's advice against CSV injection); other values are kept."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 class BatchReport:
     """Writes ``report.json`` and ``report.csv`` in ``output_dir``.
 
@@ -70,44 +82,61 @@ class BatchReport:
         self.qc = qc
 
     def gather(self, records: list[dict], rank: int, world: int) -> list[dict] | None:
-        """Every rank's records on rank 0 (``None`` on the others); each rank writes its part to
-        ``.report.rank<r>.json``, which rank 0 reads and removes."""
+        """Every rank's records on rank 0 (``None`` on the others), sent through the process group, so that
+        merging needs nothing written to the output folder."""
         if world <= 1:
             return records
-        part = self.output_dir / f".report.rank{rank}.json"
-        write_text_atomic(part, json.dumps(records))
-        dist.barrier()
-        if rank != 0:
-            return None
-        parts = [self.output_dir / f".report.rank{r}.json" for r in range(world)]
-        merged = [rec for p in parts for rec in json.loads(p.read_text(encoding="utf-8"))]
-        for p in parts:
-            p.unlink()
-        return merged
-
-    @staticmethod
-    def is_rank_part(name: str) -> bool:
-        """Whether ``name`` is a rank's part of the report (left behind by a killed run)."""
-        return bool(_RANK_PART.fullmatch(name))
+        parts: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(records, parts, dst=0)
+        return [rec for part in parts for rec in part] if parts is not None else None
 
     def write(self, records: list[dict], ignored: Sequence[Mapping], total: int, run: Mapping, seconds: float,
-              world: int) -> dict:
-        """Write the report of ``total`` cases (``records`` must hold each exactly once) and return it."""
+              world: int, problem: str | None = None) -> dict:
+        """Write the report of ``total`` cases (``records`` must hold each exactly once) and return it.
+
+        It goes to the output folder unless ``problem`` says why it must not (the folder was removed or replaced)
+        or writing there fails; then to a new temporary folder, and ``summary`` gets ``report_error`` (why) and
+        ``report_dir`` (where it is; ``""`` when it could not be written anywhere).
+        """
         records = sorted(records, key=lambda r: r["index"])
         if len(records) != total:
             raise RuntimeError(f"report has {len(records)} case(s) for {total} in the dataset")
-        counts = {s: sum(r["status"] == s for r in records) for s in (SUCCEEDED, SKIPPED, FAILED)}
+        counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
+        segmented = counts[SUCCEEDED] + counts[PARTIAL]
         summary = {"cases": total, **counts, IGNORED: len(ignored), "seconds": round(seconds, 3),
-                   "cases_per_minute": round(60.0 * counts[SUCCEEDED] / seconds, 3) if seconds > 0 else None,
+                   "cases_per_minute": round(60.0 * segmented / seconds, 3) if seconds > 0 else None,
                    "processes": world, "output_dir": printable(self.output_dir),
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         cases = [{k: v for k, v in r.items() if k != "index"} for r in records]
         ignored = [{"input": printable(e["input"]), "reason": printable(e["reason"])} for e in ignored]
         report = {"run": dict(run), "summary": summary, "cases": cases, "ignored": ignored}
-        write_text_atomic(self.output_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        write_text_atomic(self.output_dir / "report.csv", self._csv(cases, ignored))
-        self._log(summary, cases, ignored)
+        if problem is None:
+            try:
+                self._write_files(self.output_dir, report)
+                self._log(report, self.output_dir)
+                return report
+            except OSError as e:
+                problem = f"{printable(self.output_dir)}: the report cannot be written there ({e.strerror or e})"
+                for name in ("report.json", "report.csv"):  # an earlier run's report must not pass for this one's
+                    with suppress(OSError):
+                        (self.output_dir / name).unlink(missing_ok=True)
+                if (self.output_dir / "report.json").exists():
+                    problem += f"; {printable(self.output_dir / 'report.json')} is an earlier run's"
+        summary["report_error"] = printable(problem)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="batch-report-"))
+            summary["report_dir"] = printable(folder)
+            self._write_files(folder, report)
+        except OSError as e:
+            folder = None
+            summary["report_dir"] = ""
+            summary["report_error"] += f"; nor in a temporary folder ({e.strerror or e})"
+        self._log(report, folder)
         return report
+
+    def _write_files(self, folder: Path, report: dict) -> None:
+        write_text_atomic(folder / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(folder / "report.csv", self._csv(report["cases"], report["ignored"]))
 
     def _csv(self, cases: list[dict], ignored: list[dict]) -> str:
         extra = self.output_keys[1:]
@@ -116,19 +145,24 @@ class BatchReport:
         writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for case in cases:
-            writer.writerow({**case, **{k: case["outputs"].get(k, "") for k in extra}})
+            row = {**case, **{k: case["outputs"].get(k, "") for k in extra}}
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
         for entry in ignored:
-            writer.writerow({"status": IGNORED, **entry})
+            writer.writerow({"status": IGNORED, **{k: csv_cell(v) for k, v in entry.items()}})
         return text.getvalue()
 
-    def _log(self, summary: dict, cases: list[dict], ignored: list[dict]) -> None:
+    def _log(self, report: dict, folder: Path | None) -> None:
+        summary, cases = report["summary"], report["cases"]
+        ignored = summary[IGNORED]
+        where = printable(folder / "report.json") if folder is not None else "not written"
         logger.info(f"batch inference: {summary[SUCCEEDED]} segmented, {summary[SKIPPED]} skipped (complete), "
-                    f"{summary[FAILED]} failed of {summary['cases']} case(s), {len(ignored)} other entr"
-                    f"{'y' if len(ignored) == 1 else 'ies'} ignored, in {summary['seconds']:.1f} s; report: "
-                    f"{printable(self.output_dir / 'report.json')}")
-        failed = [c for c in cases if c["status"] == FAILED]
-        if failed:
-            lines = [f"  - {c['case']}: {c['reason']}" for c in failed[:_MAX_LISTED]]
-            if len(failed) > _MAX_LISTED:
-                lines.append(f"  ... and {len(failed) - _MAX_LISTED} more (see report.json)")
-            logger.error("\n".join([f"{len(failed)} case(s) failed:", *lines]))
+                    + (f"{summary[PARTIAL]} segmented without their DICOM SEG, " if summary[PARTIAL] else "")
+                    + f"{summary[FAILED]} failed of {summary['cases']} case(s), {ignored} other entr"
+                    f"{'y' if ignored == 1 else 'ies'} ignored, in {summary['seconds']:.1f} s; report: {where}")
+        for status, title in ((PARTIAL, "case(s) lack their DICOM SEG"), (FAILED, "case(s) failed")):
+            listed = [c for c in cases if c["status"] == status]
+            if listed:
+                lines = [f"  - {c['case']}: {c['reason']}" for c in listed[:_MAX_LISTED]]
+                if len(listed) > _MAX_LISTED:
+                    lines.append(f"  ... and {len(listed) - _MAX_LISTED} more (see report.json)")
+                logger.error("\n".join([f"{len(listed)} {title}:", *lines]))

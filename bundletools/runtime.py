@@ -4,10 +4,16 @@
 :class:`OnnxRuntimeNetwork` is a drop-in for the network in ``inferer(inputs, network)``: it takes a batch of
 windows (a torch tensor) and returns the network's output for them as a torch tensor. On the first batch of a
 shape it exports the network to ONNX with ``torch.onnx.export`` (batch axis dynamic, and the spatial axes the
-inferer leaves free, such as the slice axis of a 2.5D slab inferer), keeps the file in ``cache_dir`` under a
-name made of the model's SHA-256, its structure and that shape, and opens it with ONNX Runtime; later runs of the
-same model reuse the file. A model exported beforehand (``python -m monai.bundle onnx_export``) can be given
-instead.
+inferer leaves free, such as the slice axis of a 2.5D slab inferer), keeps the file in ``cache_dir`` and opens it
+with ONNX Runtime; later runs of the same model reuse the file.
+
+The cached file is bound to what it derives from: its name is a digest of the checkpoint's SHA-256, the network's
+structure, the input shape and the exporter's versions (torch, onnx, onnxscript), and a manifest next to it
+(``model-<key>.json``) holds those and the SHA-256 of the file as exported. A cached file is used only when it is
+a regular file (not a link) whose bytes match its manifest, and the session is made from the very bytes checked;
+otherwise (changed, foreign, replaced by a link) it is exported again, replacing it. A model exported beforehand
+(``python -m monai.bundle onnx_export``) can be given instead (``onnx_path``: the user's file, used as it is, but it
+must be a readable ONNX model).
 
 Outputs equal the module's up to float rounding (ONNX Runtime fuses and reorders operations), so a voxel whose
 two largest class scores differ by about 1e-6 may get the other label.
@@ -16,16 +22,21 @@ two largest class scores differ by about 1e-6 may get the other label.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .outputs import BatchError, new_temp_file, read_regular_file, write_text_atomic
 
 __all__ = ["OnnxRuntimeNetwork", "free_axes"]
 
@@ -43,7 +54,7 @@ def free_axes(inferer: Any) -> tuple[int, ...]:
     return tuple(axes)
 
 
-def _session(path: Path, threads: int) -> Any:
+def _session(model: bytes, threads: int) -> Any:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -51,7 +62,33 @@ def _session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _exporter_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__}
+    for package in ("onnx", "onnxscript"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = ""
+    return versions
+
+
+def _user_model(onnx_path: str | os.PathLike) -> bytes:
+    """The bytes of the model the user gave: a regular, readable file (a link to one is the user's choice)."""
+    try:
+        if not stat.S_ISREG(os.stat(onnx_path).st_mode):
+            raise BatchError(f"{onnx_path}: onnx_path is not a regular file")
+        with open(onnx_path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BatchError(f"{onnx_path}: onnx_path cannot be read ({e.strerror})") from e
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message[:300]}{'...' if len(message) > 300 else ''}"
 
 
 class OnnxRuntimeNetwork:
@@ -65,43 +102,75 @@ class OnnxRuntimeNetwork:
             calls from several threads run side by side).
         dynamic_axes: axes of the input whose size may vary (see :func:`free_axes`).
         onnx_path: a model exported beforehand, used for every shape instead of exporting.
-        temp_prefix: prefix of the temporary file an export is written to before it is renamed into place.
+
+    Raises:
+        BatchError: ONNX Runtime is not installed, or ``onnx_path`` is not a readable ONNX model.
     """
 
     def __init__(self, network: torch.nn.Module, cache_dir: str | os.PathLike, model_sha256: str, threads: int = 1,
-                 dynamic_axes: Sequence[int] = (0,), onnx_path: str | os.PathLike | None = None,
-                 temp_prefix: str = ".tmp-") -> None:
+                 dynamic_axes: Sequence[int] = (0,), onnx_path: str | os.PathLike | None = None) -> None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise ImportError("runtime 'onnxruntime' needs ONNX Runtime: pip install "
-                              "'monai-segmentation-bundles[onnx]' (onnx, onnxruntime, onnxscript)") from e
+            raise BatchError("runtime 'onnxruntime' needs ONNX Runtime: pip install "
+                             "'monai-segmentation-bundles[onnx]' (onnx, onnxruntime, onnxscript)") from e
         self.network, self.cache_dir, self.model_sha256 = network, Path(cache_dir), model_sha256
-        self.threads, self.dynamic_axes, self.temp_prefix = int(threads), tuple(dynamic_axes), temp_prefix
-        self.structure = hashlib.sha256(repr(network).encode()).hexdigest()[:16]
+        self.threads, self.dynamic_axes = int(threads), tuple(dynamic_axes)
+        self.structure = hashlib.sha256(repr(network).encode()).hexdigest()
+        self.exporter = _exporter_versions()
+        self.models: dict[str, str] = {}  # path of each ONNX model run -> its SHA-256, for the report
         self._sessions: dict[tuple, Any] = {}
         self._failed: dict[tuple, str] = {}  # an export that failed fails the next cases of that shape at once
         self._lock = threading.Lock()
+        self._fixed = None
         if onnx_path is not None:
-            if not Path(onnx_path).is_file():
-                raise FileNotFoundError(f"{onnx_path}: no such ONNX model")
-            self._fixed = _session(Path(onnx_path), self.threads)
-        else:
-            self._fixed = None
+            model = _user_model(onnx_path)
+            try:
+                self._fixed = _session(model, self.threads)
+            except Exception as e:
+                raise BatchError(f"{onnx_path}: onnx_path is not an ONNX model ONNX Runtime can load "
+                                 f"({_one_line(e)})") from e
+            self.models[str(onnx_path)] = hashlib.sha256(model).hexdigest()
 
     def _signature(self, shape: Sequence[int]) -> tuple:
         return tuple(-1 if axis in self.dynamic_axes else int(size) for axis, size in enumerate(shape))
 
+    def _provenance(self, shape: Sequence[int]) -> dict[str, str]:
+        """What a model exported for inputs of ``shape`` derives from (its manifest, less its own checksum)."""
+        signature = "x".join("n" if s < 0 else str(s) for s in self._signature(shape))
+        return {"model_sha256": self.model_sha256, "structure": self.structure, "input": signature,
+                **self.exporter}
+
     def model_path(self, shape: Sequence[int]) -> Path:
         """Where the model exported for inputs of ``shape`` is cached."""
-        signature = "x".join("n" if s < 0 else str(s) for s in self._signature(shape))
-        key = hashlib.sha256(f"{self.model_sha256} {self.structure} {signature} torch {torch.__version__}"
-                             .encode()).hexdigest()[:24]
+        key = hashlib.sha256(json.dumps(self._provenance(shape), sort_keys=True).encode()).hexdigest()[:24]
         return self.cache_dir / f"model-{key}.onnx"
 
-    def _export(self, example: torch.Tensor, path: Path) -> None:
+    @staticmethod
+    def _manifest(path: Path) -> Path:
+        return path.with_suffix(".json")
+
+    def _cached(self, path: Path, provenance: dict[str, str]) -> bytes | None:
+        """The cached model's bytes when it is the regular file its manifest describes, exported from what
+        ``provenance`` names; ``None`` when there is none or it is not (then it is exported again)."""
+        if not os.path.lexists(path):
+            return None
+        try:
+            manifest = json.loads(read_regular_file(self._manifest(path)).decode("utf-8"))
+            model = read_regular_file(path)
+        except (OSError, ValueError):
+            manifest, model = None, b""
+        if manifest == {**provenance, "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)}:
+            return model
+        logger.warning(f"{path}: the cached ONNX model does not match its manifest {self._manifest(path).name} "
+                       "(changed, replaced, a link, or not exported for this checkpoint, network and exporter); "
+                       "exporting the network again")
+        return None
+
+    def _export(self, example: torch.Tensor, path: Path, provenance: dict[str, str]) -> bytes:
+        """Export the network to ``path`` with its manifest; returns the model's bytes as exported."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_dir / f"{self.temp_prefix}{os.getpid()}-{threading.get_ident()}.onnx"
+        tmp = new_temp_file(self.cache_dir, ".onnx")
         names = {axis: f"axis{axis}" for axis in self.dynamic_axes}
         start = time.perf_counter()
         try:
@@ -109,11 +178,15 @@ class OnnxRuntimeNetwork:
                 torch.onnx.export(self.network, (example,), str(tmp), input_names=["image"], output_names=["pred"],
                                   dynamic_axes={"image": names, "pred": names}, dynamo=True, external_data=False,
                                   verbose=False)
-            os.replace(tmp, path)
+            model = read_regular_file(tmp)
+            os.replace(tmp, path)  # a link at path is replaced, never written through
         finally:
             tmp.unlink(missing_ok=True)
+        manifest = {**provenance, "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)}
+        write_text_atomic(self._manifest(path), json.dumps(manifest, indent=1))
         logger.info(f"exported the network to ONNX for inputs of shape {tuple(example.shape)} in "
                     f"{time.perf_counter() - start:.0f} s: {path}")
+        return model
 
     def session(self, example: torch.Tensor) -> Any:
         """The ONNX Runtime session for inputs like ``example`` (exported and cached on first use)."""
@@ -124,11 +197,13 @@ class OnnxRuntimeNetwork:
             if signature in self._failed:
                 raise RuntimeError(self._failed[signature])
             if signature not in self._sessions:
-                path = self.model_path(example.shape)
+                path, provenance = self.model_path(example.shape), self._provenance(example.shape)
                 try:
-                    if not path.is_file():
-                        self._export(example, path)
-                    self._sessions[signature] = _session(path, self.threads)
+                    model = self._cached(path, provenance)
+                    if model is None:
+                        model = self._export(example, path, provenance)
+                    self._sessions[signature] = _session(model, self.threads)
+                    self.models[str(path)] = hashlib.sha256(model).hexdigest()
                 except Exception as e:
                     message = " ".join(str(e).split())[:300]
                     self._failed[signature] = (f"the ONNX export of the network for inputs of shape "

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The batch runner against hostile folders and command lines (issue 14): every promise holds.
+"""The batch runner against hostile folders and command lines (issues 14 and 24): every promise holds.
 
 In-process runs build the UNet bundle's ``evaluator`` from its ``inference.json`` (a randomly initialised model:
 robustness does not need a trained one) over small folders made for each promise; the lock and the command line
@@ -9,17 +9,22 @@ are also tested in fresh processes, as a pipeline runs them. Each test names the
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -543,3 +548,612 @@ def test_outputs_are_synced_to_disk_before_they_are_renamed(tmp_path, unet_root,
         assert ("fsync", source) in events[:i], f"{name} was renamed before it was synced"
         assert ("fsync", os.path.realpath(out)) in events[i:], f"the folder was not synced after {name}"
 
+
+
+# ==================================================================================================== issue 24
+# Each test names the item of issue 24 it checks.
+def batch_exits(scans: Path, out: Path, root: Path, **overrides) -> tuple[int, dict | None]:
+    """The evaluator run as a pipeline runs it (exiting on failure): (exit status, the report it returned)."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
+                   **overrides})
+    try:
+        return 0, parser.get_parsed_content("evaluator").run()
+    except SystemExit as e:
+        return e.code, None
+
+
+class FakeDisk:
+    """Writes under ``folder`` fail as they would on a read-only mount or, once ``budget`` bytes are written, on a
+    full disk: in-process, so that the test also holds as root (whom chmod stops from nothing) and needs no
+    mount. Files are opened through ``open`` (nibabel's gzip, PIL, the runner's text files) and ``os.open``;
+    renames, removals and new folders go through ``os``."""
+
+    def __init__(self, monkeypatch, folder: Path, read_only: bool = False, budget: int | None = None) -> None:
+        self.folder, self.read_only, self.left = os.path.realpath(folder), read_only, budget
+        self._open, self._os_open = open, os.open
+        for module in (__import__("builtins"), __import__("io")):
+            monkeypatch.setattr(module, "open", self.open)
+        monkeypatch.setattr(os, "open", self.os_open)
+        for name in ("replace", "rename", "unlink", "remove", "mkdir", "rmdir"):
+            monkeypatch.setattr(os, name, self._guarded(getattr(os, name)))
+
+    def inside(self, path) -> bool:
+        if isinstance(path, int):
+            return False
+        path = os.path.realpath(os.fsdecode(path))
+        return path == self.folder or path.startswith(self.folder + os.sep)
+
+    def _refuse(self, path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    def _guarded(self, function):
+        def guarded(*paths, **kwargs):
+            if self.read_only and any(self.inside(p) for p in paths[:2] if isinstance(p, (str, bytes, os.PathLike))):
+                self._refuse(paths[0])
+            return function(*paths, **kwargs)
+        return guarded
+
+    def os_open(self, path, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) or (flags & os.O_CREAT and not os.path.lexists(path))
+        if self.read_only and writes and self.inside(path):
+            self._refuse(path)
+        return self._os_open(path, flags, *args, **kwargs)
+
+    def open(self, file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+        if not any(c in mode for c in "wax+") or not self.inside(file):
+            return self._open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+        if self.read_only:
+            self._refuse(file)
+        disk = self
+
+        class Limited(io.FileIO):
+            def write(self, data) -> int:
+                size = memoryview(data).nbytes
+                if disk.left is not None and size > disk.left:
+                    disk.left = 0
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fsdecode(file))
+                if disk.left is not None:
+                    disk.left -= size
+                return super().write(data)
+
+        raw = Limited(file, mode.replace("b", "").replace("t", ""))
+        buffered = io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding or "utf-8", errors, newline)
+
+
+# ---------------------------------------------------------------------------- 1: the ONNX cache is bound
+class _TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp_path, caplog):
+    """Item 1 (unit): the cached export is used only when its bytes match its manifest, which names the
+    checkpoint, the structure and the exporter's versions; a changed file, a link in its place and another
+    model's file under its name are exported again (the link's target untouched); a junk ``onnx_path`` is one
+    line naming it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bundletools.outputs import BatchError
+    from bundletools.runtime import OnnxRuntimeNetwork
+
+    torch.manual_seed(0)
+    network = _TinyNet().eval()
+    x = torch.randn(2, 1, 6, 6, 6)
+    expected = network(x).detach()
+    cache = tmp_path / "cache"
+
+    def run(model_sha256: str = "a" * 64) -> torch.Tensor:
+        return OnnxRuntimeNetwork(network, cache, model_sha256)(x)
+
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    (onnx_file,) = cache.glob("model-*.onnx")
+    manifest = json.loads(onnx_file.with_suffix(".json").read_text())
+    assert manifest["model_sha256"] == "a" * 64 and manifest["sha256"] == sha256(onnx_file)
+    assert {"torch", "onnx", "onnxscript", "structure"} <= set(manifest)
+    good = onnx_file.read_bytes()
+
+    caplog.set_level(logging.WARNING)
+    raw = bytearray(good)
+    raw[-8] ^= 0xFF  # one changed byte in the weights
+    onnx_file.write_bytes(bytes(raw))
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert onnx_file.read_bytes() == good and "does not match its manifest" in caplog.text
+
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(bytes(raw))
+    onnx_file.unlink()
+    onnx_file.symlink_to(elsewhere)
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert not onnx_file.is_symlink() and onnx_file.read_bytes() == good
+    assert elsewhere.read_bytes() == bytes(raw)
+
+    run("b" * 64)  # another checkpoint: its own file; copied over ours with its manifest, it is not ours
+    (other,) = [p for p in cache.glob("model-*.onnx") if p != onnx_file]
+    shutil.copy(other, onnx_file)
+    shutil.copy(other.with_suffix(".json"), onnx_file.with_suffix(".json"))
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+    assert json.loads(onnx_file.with_suffix(".json").read_text())["model_sha256"] == "a" * 64
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    for path, message in ((junk, r"junk\.onnx: onnx_path is not an ONNX model ONNX Runtime can load"),
+                          (tmp_path / "none.onnx", r"none\.onnx: onnx_path cannot be read"),
+                          (tmp_path, r"onnx_path is not a regular file")):
+        with pytest.raises(BatchError, match=message):
+            OnnxRuntimeNetwork(network, cache, "a" * 64, onnx_path=path)
+
+
+def _add_to_bias(path: Path, value: float) -> None:
+    """Add ``value`` to the bias of the network's last layer for class 0, in place (as a tampered file would)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    biases = [t for t in model.graph.initializer if len(t.dims) == 1 and t.dims[0] == 3]
+    bias = numpy_helper.to_array(biases[-1]).copy()
+    bias[0] += value
+    biases[-1].CopyFrom(numpy_helper.from_array(bias, biases[-1].name))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.slow
+def test_a_tampered_or_linked_onnx_cache_never_segments(tmp_path, unet_root):
+    """Item 1: 1000 added to a bias of the cached export (every voxel would be label 0) and then a link in its
+    place: each rerun with ``--overwrite`` exports again and writes the first run's labels; report.json names the
+    ONNX file that ran and its SHA-256."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz", volume(1, (24, 24, 20)))
+    first = batch(scans, out, unet_root, runtime="onnxruntime")
+    labels = np.asarray(nib.load(out / "a_seg.nii.gz").dataobj)
+    assert first["cases"][0]["status"] == "succeeded" and len(np.unique(labels)) > 1
+    (cached,) = (out / ".batch").glob("model-*.onnx")
+    exported = sha256(cached)
+
+    _add_to_bias(cached, 1000.0)
+    tampered = cached.read_bytes()
+    report = batch(scans, out, unet_root, runtime="onnxruntime", overwrite=True)
+    assert report["cases"][0]["status"] == "succeeded"
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "a_seg.nii.gz").dataobj), labels)
+    assert cached.read_bytes() != tampered
+    assert first["run"]["model"]["onnx"] == report["run"]["model"]["onnx"] == {str(cached): exported}
+
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(tampered)
+    cached.unlink()
+    cached.symlink_to(elsewhere)
+    batch(scans, out, unet_root, runtime="onnxruntime", overwrite=True)
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "a_seg.nii.gz").dataobj), labels)
+    assert not cached.is_symlink() and elsewhere.read_bytes() == tampered
+
+
+# ------------------------------------------------------------------------- 2: nothing followed out of OUT
+def test_a_state_folder_that_is_a_link_stops_the_run_and_its_target_is_untouched(tmp_path, unet_root):
+    """Item 2: ``OUT/.batch`` linking to another folder: the run stops naming the link; the target keeps its
+    ``.tmp-important`` and gets no records."""
+    scans, out, target = tmp_path / "scans", tmp_path / "out", tmp_path / "important"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    target.mkdir()
+    (target / ".tmp-important").write_text("keep me")
+    out.mkdir()
+    (out / ".batch").symlink_to(target)
+    with pytest.raises(RuntimeError, match=r"\.batch: is a symbolic link"):
+        batch(scans, out, unet_root)
+    assert sorted(p.name for p in target.iterdir()) == [".tmp-important"]
+    assert not (out / "a_seg.nii.gz").exists()
+
+
+def test_links_in_place_of_records_outputs_and_temporary_files_are_never_written_through(tmp_path, unet_root,
+                                                                                           monkeypatch):
+    """Item 2: an output replaced by a link to a file outside OUT is not taken as complete and is replaced, not
+    written through; a record that is a link is not read; a link planted under the next temporary name is not
+    written through."""
+    from bundletools import outputs
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    batch(scans, out, unet_root)
+    victim = tmp_path / "victim.nii.gz"
+    shutil.copy(out / "a_seg.nii.gz", victim)
+    (out / "a_seg.nii.gz").unlink()
+    (out / "a_seg.nii.gz").symlink_to(victim)  # same bytes, but outside OUT
+    (record,) = [p for p in (out / ".batch").glob("*.json") if json.loads(p.read_text())["case"] == "b"]
+    forged = tmp_path / "forged.json"
+    shutil.copy(record, forged)
+    record.unlink()
+    record.symlink_to(forged)
+    before = victim.read_bytes(), forged.read_bytes()
+
+    cases = by_input(batch(scans, out, unet_root))
+    assert cases["a.nii.gz"]["status"] == cases["b.nii.gz"]["status"] == "succeeded"
+    assert not (out / "a_seg.nii.gz").is_symlink() and not record.is_symlink()
+    assert (victim.read_bytes(), forged.read_bytes()) == before
+
+    monkeypatch.setattr(outputs, "_COUNTER", itertools.count(1000))
+    planted = out / f"{TMP_PREFIX}{os.getpid()}-1000.json"
+    planted.symlink_to(victim)
+    outputs.write_text_atomic(out / "notes.json", "{}")
+    assert victim.read_bytes() == before[0] and (out / "notes.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------ 7: disk full, read-only OUT
+def test_a_full_disk_leaves_no_output_of_a_failed_case_and_the_report_elsewhere(tmp_path, unet_root, monkeypatch,
+                                                                                 capsys):
+    """Item 7 (disk full): the disk fills just as case a's record is written (its outputs fitted): a fails and
+    its renamed outputs are removed, b fails, and the report goes to a temporary folder named in one line on
+    stderr, exit status 3."""
+    scans, out, spare = tmp_path / "scans", tmp_path / "out", tmp_path / "reference"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    settings = {"qc": True, "parallel_cases": 1}
+    batch(scans, spare, unet_root, **settings)
+    fits = sum((spare / name).stat().st_size for name in ("a_seg.nii.gz", "a_qc.png"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    FakeDisk(monkeypatch, out, budget=fits)
+
+    status, _ = batch_exits(scans, out, unet_root, **settings)
+    assert status == 3
+    assert not [p.name for p in out.iterdir() if not p.name.startswith(".")]  # no output, no report in OUT
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the report cannot be written there (No space left on device)" in err[0], err
+    folder = re.search(r"the report is in (\S+);", err[0]).group(1)
+    report = json.loads((Path(folder) / "report.json").read_text())
+    assert Path(folder).parent == tmp_path and (Path(folder) / "report.csv").is_file()
+    assert report["summary"]["report_dir"] == folder and "No space left" in report["summary"]["report_error"]
+    for case in report["cases"]:
+        assert case["status"] == "failed" and "No space left on device" in case["reason"], case
+
+
+def test_a_read_only_output_folder_still_gives_a_report_and_an_exit_status(tmp_path, unet_root, monkeypatch,
+                                                                            capsys):
+    """Item 7 (read-only OUT, in-process so that it holds as root): every case fails with the reason, the report
+    is written to a temporary folder named on stderr, exit status 3; nothing is written in OUT."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    batch(scans, out, unet_root)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    FakeDisk(monkeypatch, out, read_only=True)
+
+    status, _ = batch_exits(scans, out, unet_root, overwrite=True)
+    assert status == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and "exit status 3" in err[0], err
+    assert "report.json is an earlier run's" in err[0]
+    report = json.loads((Path(re.search(r"the report is in (\S+);", err[0]).group(1)) / "report.json").read_text())
+    assert [(c["case"], c["status"]) for c in report["cases"]] == [("a", "failed"), ("b", "failed")]
+    assert all("Read-only file system" in c["reason"] for c in report["cases"])
+
+
+def test_a_case_whose_write_fails_midway_keeps_none_of_its_outputs(tmp_path, unet_root, monkeypatch):
+    """Item 7: a rename that fails after the first output was renamed into place (a full directory): the case
+    fails and the output already renamed is removed; an earlier run's outputs of a failed case are removed too."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    batch(scans, out, unet_root)
+    replace = os.replace
+
+    def full_directory(src, dst, **kwargs):
+        if str(dst).endswith("_qc.png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_directory)
+    (case,) = batch(scans, out, unet_root, qc=True, overwrite=True)["cases"]
+    assert case["status"] == "failed" and "No space left on device" in case["reason"]
+    assert not (out / "a_seg.nii.gz").exists() and not (out / "a_qc.png").exists()
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+
+
+# --------------------------------------------------------------------------- 8: outputs checked on resume
+def test_truncated_changed_or_swapped_outputs_are_redone_on_resume(tmp_path, unet_root):
+    """Item 8: the record holds each output's size and SHA-256: an output truncated to 100 bytes, one changed in
+    place (same size, times restored) and two outputs swapped are redone; the intact one is skipped."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for i, name in enumerate("abcde"):
+        save_nifti(scans / f"{name}.nii.gz", volume(i, (16, 20, 12 + i)))
+    batch(scans, out, unet_root)
+    good = {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"}
+    record = json.loads(next(p for p in (out / ".batch").glob("*.json")
+                             if json.loads(p.read_text())["case"] == "a").read_text())
+    assert record["outputs"]["pred"]["sha256"] == hashlib.sha256(good["a"]).hexdigest()
+    assert record["outputs"]["pred"]["size"] == len(good["a"])
+
+    with open(out / "a_seg.nii.gz", "r+b") as f:
+        f.truncate(100)
+    changed = out / "b_seg.nii.gz"
+    times = changed.stat()
+    raw = bytearray(good["b"])
+    raw[-5] ^= 0xFF
+    changed.write_bytes(bytes(raw))
+    os.utime(changed, ns=(times.st_atime_ns, times.st_mtime_ns))
+    os.rename(out / "c_seg.nii.gz", tmp_path / "swap")
+    os.rename(out / "d_seg.nii.gz", out / "c_seg.nii.gz")
+    os.rename(tmp_path / "swap", out / "d_seg.nii.gz")
+
+    cases = {c["case"]: c["status"] for c in batch(scans, out, unet_root)["cases"]}
+    assert cases == {"a": "succeeded", "b": "succeeded", "c": "succeeded", "d": "succeeded", "e": "skipped"}
+    assert {n: (out / f"{n}_seg.nii.gz").read_bytes() for n in "abcde"} == good
+
+
+# ---------------------------------------------------------------------------------------- 9: CSV formulas
+def test_case_names_that_look_like_formulas_are_neutralised_in_the_csv_only(tmp_path, unet_root):
+    """Item 9: names starting with ``=``, ``+``, ``-`` and ``@`` reach report.csv prefixed with ``'`` (so that a
+    spreadsheet shows them as text) and report.json as they are."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    names = ["=1+2", "+cmd", "-2+3", "@SUM(A1)", "plain"]
+    for name in names:
+        save_nifti(scans / f"{name}.nii.gz")
+    (scans / "=HYPERLINK(x).txt").write_text("not an image")
+    report = batch(scans, out, unet_root)
+    assert sorted(c["case"] for c in report["cases"]) == sorted(names)
+    with open(out / "report.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows if r["status"] == "succeeded") == sorted(
+        ["'=1+2", "'+cmd", "'-2+3", "'@SUM(A1)", "plain"])
+    for row in rows:
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values() if v), row
+
+
+# ----------------------------------------------------------------------- 10: a SEG that cannot be made
+@pytest.fixture
+def dicom_seg_scans(tmp_path, monkeypatch) -> Path:
+    """A folder with an MR series and a NIfTI; the bundle's config on the command line (for metadata.json)."""
+    pytest.importorskip("highdicom")
+    from tests.test_dicomseg import AXIAL, write_mr_series
+
+    scans = tmp_path / "scans"
+    write_mr_series(scans / "series", volume(4, (20, 16, 8)) * 100, (0.9, 0.8, 1.5), (-5.0, 3.0, 4.0), AXIAL)
+    save_nifti(scans / "plain.nii.gz")
+    config = BUNDLES / UNET / "configs" / "inference.json"
+    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", str(config)])
+    return scans
+
+
+def _strip_patient_and_study(folder: Path) -> None:
+    import pydicom
+
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PatientID
+        del ds.StudyInstanceUID
+        ds.save_as(path)
+
+
+def test_a_dicom_seg_that_cannot_be_made_fails_only_the_seg(dicom_seg_scans, tmp_path, unet_root):
+    """Item 10: a series without PatientID and StudyInstanceUID: its NIfTI is written, the case is ``partial``
+    with the SEG's problem, its earlier SEG is removed, exit status 2 unless ``dicom_seg_required`` is false; a
+    rerun does the case again (it is incomplete without its SEG)."""
+    out = tmp_path / "out"
+    assert batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True)[0] == 0
+    assert (out / "series_seg.dcm").is_file()
+
+    _strip_patient_and_study(dicom_seg_scans / "series")
+    status, _ = batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True)
+    assert status == 2
+    report = json.loads((out / "report.json").read_text())
+    cases = by_input(report)
+    series = cases["series"]
+    assert series["status"] == "partial" and series["reason"].startswith("series: the DICOM SEG was not written (")
+    assert series["outputs"] == {"pred": str(out / "series_seg.nii.gz")} and series["output"]
+    assert (out / "series_seg.nii.gz").is_file() and not (out / "series_seg.dcm").exists()
+    assert cases["plain.nii.gz"]["status"] == "skipped" and report["summary"]["partial"] == 1
+    with open(out / "report.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["case"] == "series")
+    assert row["status"] == "partial" and row["dicom_seg"] == "" and row["output"]
+
+    status, report = batch_exits(dicom_seg_scans, out, unet_root, dicom_seg=True, dicom_seg_required=False)
+    assert status == 0 and by_input(report)["series"]["status"] == "partial"
+
+
+def test_a_seg_writer_that_cannot_even_start_fails_only_the_seg(dicom_seg_scans, tmp_path, unet_root,
+                                                                monkeypatch):
+    """Item 10: any exception of the SEG writer, also while it is made from the labels, fails only the SEG."""
+    import bundletools.dicomseg
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'Dataset' object has no attribute 'PatientID'")
+
+    monkeypatch.setattr(bundletools.dicomseg, "segmentation_writer", broken)
+    cases = by_input(batch(dicom_seg_scans, tmp_path / "out", unet_root, dicom_seg=True))
+    assert cases["series"]["status"] == "partial" and "AttributeError" in cases["series"]["reason"]
+    assert (tmp_path / "out" / "series_seg.nii.gz").is_file()
+
+
+# ---------------------------------------------------------------------- 11: max_voxels after resampling
+def test_max_voxels_applies_to_the_resampled_volume_before_it_is_made(tmp_path, unet_root):
+    """Item 11: a 16 KB file of 16³ voxels of 50 mm would become 751³ at the bundle's 1 mm: it fails at once,
+    naming the resampled size (with the default max_voxels); 40 mm voxels fail against a lower max_voxels; the
+    CSAM bundle keeps the slice spacing (``pixdim`` 0), so a thick-slice scan is not blown up there."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "huge_voxels.nii", volume(0, (16, 16, 16)), np.diag([50.0, 50.0, 50.0, 1.0]))
+    save_nifti(scans / "coarse.nii.gz", volume(1, (16, 16, 16)), np.diag([40.0, 40.0, 40.0, 1.0]))
+    save_nifti(scans / "normal.nii.gz")
+    assert (scans / "huge_voxels.nii").stat().st_size < 17000
+    cases = by_input(batch(scans, out, unet_root, max_voxels=100_000_000))
+    assert cases["normal.nii.gz"]["status"] == "succeeded"
+    for name, mm, size in (("huge_voxels.nii", 50, "751x751x751 = 4.24e+08"),
+                           ("coarse.nii.gz", 40, "601x601x601 = 2.17e+08")):
+        assert cases[name]["status"] == "failed"
+        assert (f"{name}: its 16x16x16 voxels of {mm}x{mm}x{mm} mm, resampled to the bundle's pixdim (1x1x1 mm), "
+                f"would be {size} voxels, more than max_voxels=1e+08; it was not read") in cases[name]["reason"]
+    (scans / "coarse.nii.gz").unlink()  # within the default max_voxels: it would be resampled
+    default = by_input(batch(scans, tmp_path / "default", unet_root))
+    assert default["huge_voxels.nii"]["status"] == "failed" and "751x751x751" in default["huge_voxels.nii"]["reason"]
+
+    from bundletools.images import ImageHeader, resampled_shape
+
+    thick = ImageHeader((16, 16, 16), np.diag([1.0, 40.0, 1.0, 1.0]))  # the slice axis is y
+    assert resampled_shape(thick, (1.0, 1.0, 0.0), slice_axis_last=True) == (16, 16, 16)  # CSAM
+    assert resampled_shape(thick, (1.0, 1.0, 1.0)) == (16, 601, 16)
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / "csam_unet_segmentation" / "configs" / "inference.json")
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(scans), "output_dir": str(tmp_path / "csam")})
+    csam = parser.get_parsed_content("evaluator")
+    assert csam.pixdim == (1.0, 1.0, 0.0) and csam._slice_axis_last
+
+
+# ------------------------------------------------------------------- 12: bad values of real keys, one line
+@pytest.fixture
+def infer_here(monkeypatch, tmp_path, capsys):
+    """``python -m bundletools.infer`` run in this process for real; returns (exit status, stderr). The bundle's
+    logging configuration is left out: it would replace pytest's log capture."""
+    import monai.bundle.workflows
+
+    from bundletools import batch as batch_module
+    from bundletools.infer import main
+
+    monkeypatch.setattr(monai.bundle.workflows, "fileConfig", lambda *args, **kwargs: None)
+    monkeypatch.setattr(batch_module, "RUN_CONFIG_FILES", [])
+    monkeypatch.chdir(tmp_path)
+
+    def infer(*args) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        return exit_info.value.code, capsys.readouterr().err
+
+    yield infer
+    logging.captureWarnings(False)  # main routes warnings to the log for the rest of its process
+
+
+def _bad_values(tmp_path: Path, unet_root: Path) -> list[tuple[list, str]]:
+    """Bad values of real keys, each with what its one line must say."""
+    model = (unet_root / "models" / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(model[: len(model) // 2])
+    (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "junk.onnx").write_text("not a model")
+    return [
+        (["--parallel_cases", "0"], r"parallel_cases must be a positive whole number, got 0"),
+        (["--runtime", "tensorrt"], r"runtime must be one of torch, onnxruntime, got 'tensorrt'"),
+        (["--runtime", "onnxruntime", "--onnx_path", tmp_path / "junk.onnx"],
+         r"junk\.onnx: onnx_path is not an ONNX model ONNX Runtime can load"),
+        (["--onnx_path", tmp_path / "junk.onnx"], r"onnx_path is given .* but the runtime is 'torch'"),
+        (["--ckpt_path", tmp_path / "truncated.pt"], r"truncated\.pt: cannot load the model weights \(ckpt_path\)"),
+        (["--ckpt_path", tmp_path / "garbage.pt"], r"garbage\.pt: cannot load the model weights \(ckpt_path\)"),
+    ]
+
+
+def test_bad_values_of_real_keys_are_one_line_naming_them_exit_1(infer_here, tmp_path, unet_root, caplog):
+    """Item 12 (``python -m bundletools.infer``): ``--parallel_cases 0``, ``--runtime tensorrt``, a junk
+    ``--onnx_path``, a truncated or garbage ``model.pt``: one line on stderr naming the key or the file, exit
+    status 1, the traceback at DEBUG level only."""
+    pytest.importorskip("onnxruntime")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    caplog.set_level(logging.DEBUG, logger="bundletools.infer")
+    for args, message in _bad_values(tmp_path, unet_root):
+        caplog.clear()
+        status, err = infer_here(UNET, scans, tmp_path / "out", "--bundle_root", unet_root, "--num_workers", "0",
+                                 *args)
+        lines = err.strip().splitlines()
+        assert status == 1 and len(lines) == 1 and re.search(message, lines[0]), (args, err[-3000:])
+        assert any(r.exc_info and r.levelno == logging.DEBUG for r in caplog.records), args
+    assert not (tmp_path / "out" / "a_seg.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_bad_values_of_real_keys_are_one_line_from_monai_bundle_run_too(tmp_path, unet_root):
+    """Item 12 (``python -m monai.bundle run``): the same bad values end stderr with one line naming them, with
+    no traceback, exit status 1 (MONAI's own warnings may come before it). Needs bundletools' handler of
+    uncaught user errors (issue 24, items 6/14)."""
+    pytest.importorskip("onnxruntime")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    for args, message in _bad_values(tmp_path, unet_root):
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                               str(BUNDLES / UNET / "configs" / "inference.json"), "--dataset_dir", str(scans),
+                               "--output_dir", str(tmp_path / "out"), "--bundle_root", str(unet_root),
+                               "--num_workers", "0", *map(str, args)], cwd=tmp_path, env=subprocess_env(),
+                              capture_output=True, text=True, errors="replace", timeout=600)
+        last = proc.stderr.strip().splitlines()[-1:]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
+        assert last and re.search(message, last[0]), (args, proc.stderr[-3000:])
+
+
+# --------------------------------------------------------------------------- 13: OUT gone during the run
+class _OnLogLine(logging.Handler):
+    """Does ``action`` once, when the runner logs a line holding ``text`` (as an operator acting at that moment)."""
+
+    def __init__(self, text: str, action) -> None:
+        super().__init__()
+        self.text, self.action, self.done = text, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and self.text in record.getMessage():
+            self.done = True
+            self.action()
+
+
+def _run_while(scans: Path, out: Path, root: Path, text: str, action, caplog) -> int:
+    caplog.set_level(logging.INFO, logger="bundletools.batch")
+    handler = _OnLogLine(text, action)
+    logging.getLogger("bundletools.batch").addHandler(handler)
+    try:
+        status, _ = batch_exits(scans, out, root)
+    finally:
+        logging.getLogger("bundletools.batch").removeHandler(handler)
+    assert handler.done
+    return status
+
+
+@pytest.mark.parametrize("what", ["removed", "replaced"])
+def test_an_output_folder_removed_or_replaced_during_the_run_fails_it(tmp_path, unet_root, monkeypatch, capsys,
+                                                                      caplog, what):
+    """Item 13: OUT removed (or replaced by a new empty folder) after the last case was written: exit status 3,
+    one line on stderr naming the problem and where the report is; every case is reported failed, its outputs
+    lost; nothing is written into the new folder."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def remove() -> None:
+        shutil.rmtree(out)
+        if what == "replaced":
+            out.mkdir()
+
+    assert _run_while(scans, out, unet_root, "[2/2]", remove, caplog) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the output folder was {what} during the run" in err[0], err
+    report = json.loads((Path(re.search(r"the report is in (\S+);", err[0]).group(1)) / "report.json").read_text())
+    for case in report["cases"]:
+        assert case["status"] == "failed" and "its outputs are lost" in case["reason"] and not case["outputs"]
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_an_output_removed_during_the_run_fails_its_case(tmp_path, unet_root, caplog):
+    """Item 13: an output removed before the report is written: its case is reported failed (not succeeded with
+    an output that is not there), exit status 2."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    save_nifti(scans / "b.nii.gz", volume(2))
+    assert _run_while(scans, out, unet_root, "[2/2]", lambda: (out / "a_seg.nii.gz").unlink(), caplog) == 2
+    cases = by_input(json.loads((out / "report.json").read_text()))
+    assert cases["a.nii.gz"]["status"] == "failed" and "a_seg.nii.gz no longer there" in cases["a.nii.gz"]["reason"]
+    assert cases["b.nii.gz"]["status"] == "succeeded"

@@ -13,7 +13,7 @@ import pytest
 
 from bundletools import errors
 from bundletools.data import DatasetError
-from bundletools.infer import CommandLineError
+from bundletools.errors import CommandLineError
 from bundletools.outputs import BatchError
 from tests.conftest import config_list, run_bundle
 
