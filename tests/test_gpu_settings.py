@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+import monai.inferers
 import torch
 from monai.bundle import ConfigParser
 
@@ -134,3 +135,69 @@ def test_inference_reads_nifti_without_itk(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "case_seg.nii.gz").is_file()
+
+
+def test_stitch_limit_and_where_a_case_is_stitched(monkeypatch):
+    from types import SimpleNamespace
+
+    from bundletools.inferers import stitch_voxel_limit, stitches_on_device
+
+    assert stitch_voxel_limit("cpu", 3) is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * 10**9))
+    assert stitch_voxel_limit("cuda:0", 3) == 100_000_000  # a quarter of 8 GB over 5 float32 per voxel
+
+    assert stitches_on_device(SimpleNamespace(), 10**9)  # no window device: the whole case goes to the device
+    windows = dict(sw_device="cuda:0", device=None, cpu_thresh=1000)
+    assert stitches_on_device(SimpleNamespace(**windows), 1000)
+    assert not stitches_on_device(SimpleNamespace(**windows), 1001)  # too large: stitched on the CPU
+    assert not stitches_on_device(SimpleNamespace(**{**windows, "device": "cpu"}), 10)  # the CPU, as configured
+    assert stitches_on_device(SimpleNamespace(**{**windows, "cpu_thresh": None}), 10**9)
+
+
+def test_the_device_chooses_where_inference_stitches(monkeypatch):
+    for bundle in ALL:
+        parser = ConfigParser()
+        parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+        inferer = parser.get_parsed_content("inferer")
+        assert str(inferer.device) == "cpu" and inferer.cpu_thresh is None, bundle
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 8e9}))
+    for bundle in ALL:
+        parser = ConfigParser()
+        parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+        assert parser.get_parsed_content("stitch_device") is None, bundle
+        assert parser.get_parsed_content("inferer#cpu_thresh") > 10**7, bundle
+        assert parser.get_parsed_content("sw_batch_size") >= 16, bundle
+
+
+class OutOfMemoryOnce(monai.inferers.SlidingWindowInferer):
+    """A sliding window that runs out of device memory stitching on its input's device, as a GPU can."""
+
+    calls: list = []
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        OutOfMemoryOnce.calls.append(kwargs.get("device"))
+        if "device" not in kwargs:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return super().__call__(inputs, network, *args, **kwargs)
+
+
+def test_a_case_that_does_not_fit_for_stitching_on_the_device_is_stitched_on_the_cpu(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from tests.test_batch_inference import UNET, random_model
+
+    root = random_model(UNET, tmp_path / "root")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(20, 24, 16)).astype(np.float32), np.eye(4)),
+             str(scans / "case.nii.gz"))
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(tmp_path / "out"),
+                   "num_workers": 0, "stitch_device": None, "inferer#_target_": "tests.test_gpu_settings.OutOfMemoryOnce"})
+    OutOfMemoryOnce.calls.clear()
+    report = parser.get_parsed_content("evaluator").run()
+    assert [case["status"] for case in report["cases"]] == ["succeeded"]
+    assert OutOfMemoryOnce.calls == [None, torch.device("cpu")]
