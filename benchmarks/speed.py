@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Speed of the collection's networks on the CPU: against the authors' own code, alone, per layer, and in FLOPs.
+Speed of the collection's networks on the CPU or a GPU: against the authors' own code, alone, per layer, and in
+FLOPs.
 
 Networks are named configurations (``list`` shows them): each names a network, its arguments and an input, so a
 figure in a card is one command. ``NAME:key=value,...`` overrides constructor arguments (values as JSON, e.g.
@@ -11,6 +12,8 @@ figure in a card is one command. ``NAME:key=value,...`` overrides constructor ar
     python benchmarks/speed.py compare dnet-official --reference /path/to/DLK
     python benchmarks/speed.py compare transunet-r50-vit-b16 --reference /path/to/TransUNet
     python benchmarks/speed.py compare ukan-official --reference /path/to/U-KAN
+    # on a GPU, also ours as the bundles train there (bf16 autocast, channels-last input) and compiled
+    python benchmarks/speed.py compare dnet-official --reference /path/to/DLK --device cuda --gpu-default --compile
     # ours alone, several configurations taking turns; --memory adds peak memory, each in a fresh process
     python benchmarks/speed.py time dnet-paper dnet-paper:use_checkpointing=true --memory
     python benchmarks/speed.py time ukan-bundle ukan-bundle:use_kan=false ukan-bundle:token_shift=true
@@ -25,7 +28,10 @@ medians count: on a machine shared with other jobs, taking turns exposes every n
 measured side by side are steadier than times. ``--plain`` adds our network with ``networks.blocks.fast.plain_ops()``
 (plain PyTorch ops, channels-first), the path the optimised one is tested against, so the gain of those levers shows
 on its own; ``--compile`` adds ours under ``torch.compile`` (its compile time is printed); ``--bf16`` adds ours under
-CPU bfloat16 autocast (other numbers than float32: how far its output moves is printed).
+bfloat16 autocast (other numbers than float32: how far its output moves is printed); ``--gpu-default`` adds ours as
+the bundles train on a GPU (bfloat16 autocast and channels-last input; with ``--compile`` also compiled so).
+``--device cuda`` runs everything on the GPU, synchronising before each clock reading; the first round (cuDNN's
+autotuner times its candidate kernels for each new shape) is the warm-up.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -157,6 +164,18 @@ def loss_of(output) -> torch.Tensor:
     return sum(o.float().mean() for o in outputs)
 
 
+def clock(device: torch.device | str = "cpu") -> float:
+    """``time.perf_counter()`` once the device has finished the work queued so far (GPU work is asynchronous)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the channels-last memory layout of its rank (the layout cuDNN's half-precision kernels run in)."""
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+
+
 @dataclasses.dataclass
 class Runner:
     """A network, its input and how to call it; collects the times of its forward and forward+backward calls."""
@@ -165,18 +184,21 @@ class Runner:
     net: nn.Module
     x: torch.Tensor
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    variant: str = "ours"  # official, ours, plain, bf16, gpu-default, compile, compile-gpu-default
+    setup_s: float = 0.0  # the compilation (the first forward+backward) of a compiled network
     forward: list[float] = dataclasses.field(default_factory=list)
     forward_backward: list[float] = dataclasses.field(default_factory=list)
 
     def step(self) -> tuple[float, float]:
+        device = self.x.device
         with self.context():
             with torch.no_grad():
-                start = time.perf_counter()
+                start = clock(device)
                 self.net(self.x)
-                forward = time.perf_counter() - start
-            start = time.perf_counter()
+                forward = clock(device) - start
+            start = clock(device)
             loss_of(self.net(self.x)).backward()
-            forward_backward = time.perf_counter() - start
+            forward_backward = clock(device) - start
         self.net.zero_grad(set_to_none=True)
         return forward, forward_backward
 
@@ -197,37 +219,50 @@ def build_runners(spec: str, args, reference: str | None = None) -> list[Runner]
     """Ours for ``spec`` (and the authors' network from ``reference``, first), on one random input."""
     name, overrides = parse_spec(spec)
     config = CONFIGS[name]
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.shape or config.shape())
+    x = torch.randn(args.shape or config.shape(), device=device)
     print(f"{spec}: {config.description}; input {'x'.join(map(str, x.shape))}")
-    ours = config.build(**overrides).train()
+    ours = config.build(**overrides).train().to(device)
     runners = []
     if reference is not None:
         if config.reference is None:
             sys.exit(f"{name}: no reference implementation is known for this configuration")
-        runners.append(Runner(f"official ({config.reference_repo})", config.reference(reference).train(), x))
+        official = config.reference(reference).train().to(device)
+        runners.append(Runner(f"official ({config.reference_repo})", official, x, variant="official"))
     runners.append(Runner(f"ours ({spec})", ours, x))
     if args.plain:
-        runners.append(Runner(f"ours ({spec}), plain ops", ours, x, plain_ops))
+        runners.append(Runner(f"ours ({spec}), plain ops", ours, x, plain_ops, "plain"))
+    bf16 = partial(bf16_autocast, device.type)
     if args.bf16:
-        runners.append(Runner(f"ours ({spec}), bf16 autocast", ours, x, _bf16_autocast))
+        runners.append(Runner(f"ours ({spec}), bf16 autocast", ours, x, bf16, "bf16"))
+    if getattr(args, "gpu_default", False):
+        runners.append(Runner(f"ours ({spec}), bf16 + channels-last", ours, channels_last(x), bf16, "gpu-default"))
     if args.compile:
-        start = time.perf_counter()
         compiled = torch.compile(ours)
-        loss_of(compiled(x)).backward()
-        ours.zero_grad(set_to_none=True)
-        print(f"torch.compile: the first forward+backward (compilation) took {time.perf_counter() - start:.0f} s")
-        runners.append(Runner(f"ours ({spec}), torch.compile", compiled, x))
+        variants = [("", x, contextlib.nullcontext, "compile")]
+        if getattr(args, "gpu_default", False):
+            variants.append((", bf16 + channels-last", channels_last(x), bf16, "compile-gpu-default"))
+        for suffix, inputs, context, variant in variants:
+            start = clock(device)
+            with context():
+                loss_of(compiled(inputs)).backward()
+            ours.zero_grad(set_to_none=True)
+            seconds = clock(device) - start
+            print(f"torch.compile{suffix}: the first forward+backward (compilation) took {seconds:.0f} s")
+            runners.append(Runner(f"ours ({spec}), torch.compile{suffix}", compiled, inputs, context, variant, seconds))
     return runners
 
 
-def _bf16_autocast() -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def bf16_autocast(device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def header(args) -> None:
-    print(f"torch {torch.__version__}, CPU, {args.threads} threads, median of {args.rounds} rounds taking turns "
-          "after a warm-up round")
+    where = f"CPU, {args.threads} threads"
+    if torch.device(args.device).type == "cuda":
+        where = f"{torch.cuda.get_device_name(args.device)}, CUDA {torch.version.cuda}"
+    print(f"torch {torch.__version__}, {where}, median of {args.rounds} rounds taking turns after a warm-up round")
 
 
 def print_table(runners: Sequence[Runner], first_is_reference: bool) -> None:
@@ -247,12 +282,12 @@ def print_table(runners: Sequence[Runner], first_is_reference: bool) -> None:
 def print_bf16_deviation(runners: Sequence[Runner]) -> None:
     """How far bf16 autocast moves a network's output from its float32 output (eval mode, same input)."""
     for runner in runners:
-        if runner.context is not _bf16_autocast:
+        if runner.variant not in ("bf16", "gpu-default"):
             continue
         runner.net.eval()
         with torch.no_grad():
             exact = runner.net(runner.x)
-            with _bf16_autocast():
+            with runner.context():
                 approx = runner.net(runner.x)
         runner.net.train()
         exact, approx = (o[0] if isinstance(o, (list, tuple)) else o for o in (exact, approx))
@@ -398,10 +433,13 @@ def main() -> None:
     common.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     common.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up round (default 5)")
     common.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], help="input, e.g. 1,1,96,96,96")
+    common.add_argument("--device", default="cpu", help="cpu (default) or cuda[:n]")
     timing = argparse.ArgumentParser(add_help=False)
     timing.add_argument("--plain", action="store_true", help="also time ours with plain PyTorch ops (plain_ops)")
     timing.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
-    timing.add_argument("--bf16", action="store_true", help="also time ours under CPU bfloat16 autocast")
+    timing.add_argument("--bf16", action="store_true", help="also time ours under bfloat16 autocast")
+    timing.add_argument("--gpu-default", action="store_true",
+                        help="also time ours as the bundles train on a GPU: bf16 autocast, channels-last input")
     sub.add_parser("list", help="the named configurations")
     p = sub.add_parser("compare", parents=[common, timing], help="ours against the authors' code, side by side")
     p.add_argument("config", help="a configuration with a reference, e.g. dnet-official")
@@ -424,6 +462,8 @@ def main() -> None:
     args = parser.parse_args()
     if hasattr(args, "threads"):
         torch.set_num_threads(args.threads)
+    # cuDNN's autotuner for every network alike (the bundles train with it; a fixed choice would favour none)
+    torch.backends.cudnn.benchmark = True
     if args.command == "list":
         for name, config in CONFIGS.items():
             ref = f" [reference: {config.reference_repo}]" if config.reference else ""

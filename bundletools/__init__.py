@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .batch import BatchInference
 from .data import DatasetError, inference_datalist, scoring_split, training_split
+from . import inferers, training
 from .errors import install_excepthook
 from .handlers import ResumableCheckpoint
 from .metrics import HausdorffDistanceMM

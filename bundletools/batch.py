@@ -65,6 +65,7 @@ from transforms import InvalidImageError, SliceAxisLastd
 from .data import case_name
 from .images import (DEFAULT_MAX_VOXELS, DatasetError, check_resampled_size, input_checksum, input_fingerprint,
                      inspect_image)
+from .inferers import stitches_on_device
 from .outputs import LOCK_NAME, STATE_DIR, TMP_PREFIX, BatchError, OutputFolder
 from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, printable
 from .writers import WRITERS
@@ -694,12 +695,24 @@ class BatchInference:
         """Infer and postprocess one preprocessed case; returns the writer of each output."""
         image = data[self.image_key]
         inputs = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None]
-        if getattr(self.inferer, "sw_device", None) is None:
+        on_device = stitches_on_device(self.inferer, inputs.shape[2:].numel())
+        if on_device:
             inputs = inputs.to(self.device)
         autocast = torch.autocast("cuda") if self.amp and self.device.type == "cuda" else nullcontext()
         with torch.no_grad():
             with autocast:
-                logits = self.inferer(inputs, self._model)
+                try:
+                    logits = self.inferer(inputs, self._model)
+                except torch.cuda.OutOfMemoryError:
+                    if not (on_device and getattr(self.inferer, "sw_device", None) is not None):
+                        raise
+                    # the case did not fit for stitching on the device after all (other cases in flight, another
+                    # process): stitch it in CPU memory, windows still on the device
+                    logger.info("out of device memory for stitching this case there; stitching it on the CPU")
+                    inputs = inputs.cpu()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    logits = self.inferer(inputs, self._model, device=torch.device("cpu"))
             if isinstance(logits, (list, tuple)):  # deep supervision heads: the first is the prediction
                 logits = logits[0]
             del inputs

@@ -66,7 +66,7 @@ def _is_main_process() -> bool:
 
 
 class ResumableCheckpoint:
-    """Keep the best model as ``model.pt`` and the full training state after every epoch, and resume from it.
+    """Keep the best model as ``model.pt`` and the full training state after each epoch, and resume from it.
 
     After each epoch (and after validation, so attach it after the ``ValidationHandler``) this writes:
 
@@ -102,6 +102,10 @@ class ResumableCheckpoint:
         state_filename: file name of the training state.
         data: the training datalist (dicts whose ``image``/``label`` are paths or lists of paths); ``None``
             resumes whatever state there is.
+        save_interval_s: write the training state only after an epoch that ends at least this many seconds after
+            the last write or the start of the run (and always after the run's last epoch), so that epochs of a second or two on a GPU do
+            not each wait for a full checkpoint; a kill then loses at most this much training. ``0``: after every
+            epoch. The best model is written whenever it improves, whatever this is.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class ResumableCheckpoint:
         best_filename: str = "model.pt",
         state_filename: str = "training_state.pt",
         data: Sequence[Mapping[str, Any]] | None = None,
+        save_interval_s: float = 0.0,
     ) -> None:
         if model_key not in save_dict:
             raise ValueError(f"save_dict must hold the model under {model_key!r}, got keys {list(save_dict)}")
@@ -123,6 +128,10 @@ class ResumableCheckpoint:
         self.best_path = self.ckpt_dir / best_filename
         self.state_path = self.ckpt_dir / state_filename
         self.data_fingerprint = None if data is None else datalist_fingerprint(data)
+        if save_interval_s < 0:
+            raise ValueError(f"save_interval_s must be 0 or more seconds, got {save_interval_s}")
+        self.save_interval_s = float(save_interval_s)
+        self._last_state_save = -float("inf")
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -140,6 +149,7 @@ class ResumableCheckpoint:
                 self.logger.info(f"Removed {tmp}, a half-written checkpoint of a killed run.")
 
     def resume(self, engine: Engine) -> None:
+        self._last_state_save = time.monotonic()  # the interval counts from the start of the run
         self.remove_stale_temporaries()
         if not self.state_path.is_file():
             self.logger.info(f"No training state at {self.state_path}: training starts at epoch 1.")
@@ -177,6 +187,9 @@ class ResumableCheckpoint:
         improved = self.evaluator is None or self.evaluator.state.best_metric_epoch == epoch
         if improved:
             atomic_torch_save(_to_cpu(model.state_dict()), self.best_path)
+        last = engine.state.max_epochs is not None and epoch >= engine.state.max_epochs
+        if not last and time.monotonic() - self._last_state_save < self.save_interval_s:
+            return
         state = {name: _to_cpu(obj.state_dict()) for name, obj in self.save_dict.items()}
         state["trainer"] = engine.state_dict()
         state["epoch"] = epoch  # ignite's state dict keeps only the iteration count
@@ -186,6 +199,7 @@ class ResumableCheckpoint:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
         atomic_torch_save(state, self.state_path)
+        self._last_state_save = time.monotonic()
 
 
 class LabelledMetricsSaver(MetricsSaver):

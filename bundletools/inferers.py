@@ -10,7 +10,35 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["MirroredInferer"]
+__all__ = ["MirroredInferer", "stitch_voxel_limit", "stitches_on_device"]
+
+
+def stitch_voxel_limit(device: torch.device | str, num_classes: int, share: float = 0.25) -> int | None:
+    """The largest case (spatial voxels) whose sliding-window result is stitched in the memory of ``device``: a
+    ``share`` of a GPU's memory over the float32 class scores, weights and count map of each voxel; larger cases
+    are stitched in CPU memory (MONAI's ``cpu_thresh``). ``None`` on a CPU, where everything is CPU memory.
+
+    On a GPU, stitching there also keeps the postprocessing (softmax, inversion of the resampling, argmax) there,
+    instead of copying every window's scores back and running those on the CPU.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(share * total / (4 * (int(num_classes) + 2)))
+
+
+def stitches_on_device(inferer: Any, spatial_voxels: int) -> bool:
+    """Whether ``inferer`` runs a case of ``spatial_voxels`` wholly on the network's device, so the case should be
+    sent there: an inferer without a window device of its own (``sw_device``) works where its input is; a
+    sliding-window inferer that stitches on its input's device (``device=None``) does so up to its ``cpu_thresh``,
+    and beyond it stitches on the CPU."""
+    if getattr(inferer, "sw_device", None) is None:
+        return True
+    if getattr(inferer, "device", "cpu") is not None:
+        return False
+    limit = getattr(inferer, "cpu_thresh", None)
+    return limit is None or spatial_voxels <= limit
 
 
 class MirroredInferer(Inferer):

@@ -76,7 +76,8 @@ def test_extension_points_insert_items_in_place_and_are_empty_by_default(tmp_pat
     targets = [t["_target_"] for t in inference["preprocessing"]["transforms"]]
     assert targets[-3:] == ["NormalizeIntensityd", "ScaleIntensityd", "EnsureTyped"]
     train = json.loads(files["configs/train.json"])
-    assert train["initialize"] == ["$monai.utils.set_determinism(seed=@seed)", "$print('toy')"]
+    assert train["initialize"] == ["$bundletools.training.set_determinism(seed=@seed, deterministic=@deterministic)",
+                                   "$print('toy')"]
     # a point no spec fills leaves nothing behind
     assert "_extension_" not in "".join(files.values())
     assert [t["_target_"] for t in train["train"]["deterministic_transforms"]] == [

@@ -18,7 +18,7 @@ from bundletools.handlers import IterationProgress, PolyLR, ResumableCheckpoint,
 CASES = [{"image": f"/data/imagesTr/case_{i}.nii.gz", "label": f"/data/labelsTr/case_{i}.nii.gz"} for i in range(4)]
 
 
-def _train(ckpt_dir, data, epochs, seed=0):
+def _train(ckpt_dir, data, epochs, seed=0, **checkpoint_args):
     """Train a linear layer for ``epochs`` with a ResumableCheckpoint; return (trainer, model)."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(2, 2)
@@ -30,7 +30,7 @@ def _train(ckpt_dir, data, epochs, seed=0):
         optimizer.step()
 
     trainer = Engine(step)
-    ResumableCheckpoint(ckpt_dir, {"model": model, "optimizer": optimizer}, data=data).attach(trainer)
+    ResumableCheckpoint(ckpt_dir, {"model": model, "optimizer": optimizer}, data=data, **checkpoint_args).attach(trainer)
     trainer.run([0, 1], max_epochs=epochs)
     return trainer, model
 
@@ -64,6 +64,25 @@ def test_same_cases_resume_other_cases_start_a_new_run(tmp_path, caplog):
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["data_fingerprint"] != datalist_fingerprint(CASES)
     torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], model.weight)
+
+
+def test_save_interval_writes_the_state_after_the_interval_and_after_the_last_epoch(tmp_path, monkeypatch):
+    clock = iter(range(0, 1000, 10))  # each call of time.monotonic is 10 s after the previous one
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    writes = []
+    monkeypatch.setattr("bundletools.handlers.atomic_torch_save",
+                        lambda obj, path: writes.append((path.name, obj.get("epoch") if "epoch" in obj else None)))
+    _train(tmp_path, CASES, 6, save_interval_s=25)
+    states = [epoch for name, epoch in writes if name == "training_state.pt"]
+    # only when 25 s have passed since the start or the last write, and always after the last epoch
+    assert states == [3, 6]
+    assert [name for name, _ in writes].count("model.pt") == 6  # no evaluator: the model after every epoch
+
+    writes.clear()
+    _train(tmp_path / "every", CASES, 3)  # the default: the state after every epoch
+    assert [epoch for name, epoch in writes if name == "training_state.pt"] == [1, 2, 3]
+    with pytest.raises(ValueError, match="save_interval_s"):
+        ResumableCheckpoint(tmp_path, {"model": torch.nn.Linear(1, 1)}, save_interval_s=-1)
 
 
 def test_without_data_any_state_is_resumed(tmp_path, caplog):

@@ -26,14 +26,18 @@ class _GDCMSeriesReader(ITKReader):
 class LoadScand(LoadImaged):
     """MONAI's :class:`~monai.transforms.LoadImaged` that reads a folder (a DICOM series) with ITK's GDCM reader
     given explicitly, so that a series whose slices lack the 128-byte preamble is read as GDCM reads it instead of
-    failing ("Could not create IO object"). Files are read exactly as by ``LoadImaged``."""
+    failing ("Could not create IO object"). Files are read exactly as by ``LoadImaged``. ITK is imported only for
+    the formats that need it (a series, NRRD, MetaImage): NIfTI is read with nibabel where ITK is not installed.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._series_reader = _GDCMSeriesReader()
+        self._series_reader: _GDCMSeriesReader | None = None  # made on the first series: it needs ITK
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         if reader is None and any(isinstance(data[k], (str, os.PathLike)) and os.path.isdir(data[k])
                                   for k in self.key_iterator(data)):
+            if self._series_reader is None:
+                self._series_reader = _GDCMSeriesReader()
             reader = self._series_reader
         return super().__call__(data, reader)

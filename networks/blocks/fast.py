@@ -24,7 +24,8 @@ relative where a channel's mean is several times its spread, against 1e-7 channe
 
 ``with plain_ops(): ...`` turns every fast path off (plain PyTorch ops, channels-first layout): the reference the
 tests compare the fast paths with, and a way to rule them out when debugging. TorchScript always compiles the plain
-ops, and tensors on other devices than the CPU always take them.
+ops, and tensors on other devices than the CPU always take them, except that under autocast 3D depthwise
+convolutions run in float32 on every device (:func:`half_precision_depthwise` lifts that for measurements).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ __all__ = [
     "fast_conv_type",
     "fast_conv_transpose_type",
     "fast_ops_enabled",
+    "half_precision_depthwise",
     "plain_ops",
     "to_channels_last",
 ]
 
 _FAST_OPS = True
+_DEPTHWISE_FLOAT32 = True
 
 
 def fast_ops_enabled(x: torch.Tensor) -> bool:
@@ -70,6 +73,18 @@ def plain_ops() -> Iterator[None]:
         yield
     finally:
         _FAST_OPS = previous
+
+
+@contextlib.contextmanager
+def half_precision_depthwise() -> Iterator[None]:
+    """Within the ``with`` block, 3D depthwise convolutions follow autocast into half precision like any other
+    convolution, instead of staying in float32 (for benchmarks that measure what the float32 rule saves)."""
+    global _DEPTHWISE_FLOAT32
+    previous, _DEPTHWISE_FLOAT32 = _DEPTHWISE_FLOAT32, False
+    try:
+        yield
+    finally:
+        _DEPTHWISE_FLOAT32 = previous
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +185,21 @@ def _crop_to_input(weight: torch.Tensor, padding: tuple, dilation: tuple, sizes:
     return weight[tuple(slices)], tuple(new_padding)
 
 
+def _float32_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution in float32 with autocast off. Under autocast, 3D depthwise convolutions take this (as they do
+    on the fast CPU path): they have no tensor-core work to gain from half precision, and D-Net's training under
+    bfloat16 stalled on an H200 where its float32 step took 0.87 s, with these layers (cuDNN's half-precision
+    kernels for large dilated depthwise 3D kernels) the first suspects; ``benchmarks/gpu_check.py`` times both."""
+    bias = None if conv.bias is None else conv.bias.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return conv._conv_forward(x.float(), weight.float(), bias)
+
+
 def _fast_conv_forward(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not fast_ops_enabled(x):
+        depthwise_3d = conv.kind == "depthwise" and x.dim() == 5
+        if depthwise_3d and _DEPTHWISE_FLOAT32 and torch.is_autocast_enabled(x.device.type):
+            return _float32_conv(conv, x, weight)
         return conv._conv_forward(x, weight, conv.bias)
     padding, cropped = conv.padding, False
     # (a trace would record the sizes as constants: it keeps the whole kernel)

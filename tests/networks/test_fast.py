@@ -208,3 +208,24 @@ def test_bf16_autocast_trains(case):
     sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
+
+
+def test_3d_depthwise_convs_stay_in_float32_under_autocast_on_the_plain_path_too():
+    """The plain path (what a GPU runs) keeps D-Net's 3D depthwise convolutions in float32 under autocast, as the
+    fast CPU path does; other convolutions follow autocast, and ``half_precision_depthwise`` lifts the rule."""
+    from networks.blocks.fast import half_precision_depthwise
+
+    torch.manual_seed(0)
+    depthwise = FastConv3d(4, 4, kernel_size=7, padding=9, dilation=3, groups=4)
+    pointwise = FastConv3d(4, 4, kernel_size=1)
+    x = torch.randn(1, 4, 10, 12, 8)
+    reference = depthwise(x)
+    with plain_ops(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        assert pointwise(x).dtype == torch.bfloat16
+        with half_precision_depthwise():
+            assert depthwise(x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fast CPU path, as before
+        assert depthwise(x).dtype == torch.float32
