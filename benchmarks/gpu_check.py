@@ -19,7 +19,8 @@ CSAM bundle):
 - ``validation_s`` (one validation) and ``epoch_end_s`` (the other epoch-end handlers, the checkpoint mostly);
   ``overhead_share``: what both add to an epoch at the bundle's ``val_interval``;
 - ``peak_memory_gb`` of the training and ``precision``; ``amp_over_fp32_step``: the float32 step's time over the
-  default precision's (1 or more: mixed precision is at least as fast).
+  default precision's (1 or more: mixed precision is at least as fast); for the UNet bundle also
+  ``deterministic_epoch_s``, the epoch with ``--deterministic True`` (what exact repeatability costs).
 
 Then: the UNet bundle's whole default run (training with validation, ``default_run_s``) and the Dice of its best
 checkpoint on the 42 validation cases in their original grid (``default_run_dice``); the paper networks against
@@ -175,6 +176,22 @@ def part_train(bundle: str, args) -> dict:
         "peak_memory_gb": peak, "precision": str(amp_dtype).replace("torch.", "") if amp else "float32",
         "amp_over_fp32_step": fp32_s / network_s,
     }
+
+
+def part_deterministic(bundle: str, args) -> dict:
+    """What ``--deterministic True`` costs: the training epoch with cuDNN's deterministic kernels and torch's
+    deterministic algorithms, against the default's (``epoch_s`` of the training part)."""
+    from ignite.engine import Events
+
+    with tempfile.TemporaryDirectory() as work:
+        parser = _train_parser(bundle, args, Path(work), epochs=args.epochs, val_interval=10**6, deterministic=True)
+        for _ in parser.get_parsed_content("initialize"):
+            pass
+        trainer = parser.get_parsed_content("train#trainer")
+        loops = []
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: loops.append(e.state.times["EPOCH_COMPLETED"]))
+        parser.get_parsed_content("run")
+    return {"deterministic_epoch_s": statistics.median(loops[1:] or loops)}
 
 
 def part_default_run(args) -> dict:
@@ -384,7 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark"), help="where gpu.csv and gpu.md go")
     parser.add_argument("--log_dir", help="a log per part (its stdout and stderr)")
     parser.add_argument("--bundles", default=",".join(BUNDLES))
-    parser.add_argument("--skip", default="", help="parts to leave out: train,default_run,compare,probe,infer")
+    parser.add_argument("--skip", default="",
+                        help="parts to leave out: train,deterministic,default_run,compare,probe,infer")
     parser.add_argument("--budget_s", type=float, default=480.0,
                         help="no part is started once this many seconds have passed (default: 8 minutes)")
     parser.add_argument("--epochs", type=int, default=2,
@@ -401,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.part:
         kind, _, name = args.part.partition(":")
-        functions = {"train": part_train, "infer": part_infer, "compare": part_compare}
+        functions = {"train": part_train, "infer": part_infer, "compare": part_compare,
+                     "deterministic": part_deterministic}
         if kind in functions:
             result = functions[kind](name, args)
         else:
@@ -417,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parts: list[tuple[str, str, float]] = []
     if "train" not in skip:
         parts += [(bundle, f"train:{bundle}", LIMITS["train"]) for bundle in bundles]
+    if "deterministic" not in skip:
+        parts.append(("unet_segmentation", "deterministic:unet_segmentation", LIMITS["train"]))
     if "default_run" not in skip:
         parts.append(("unet_segmentation", "default_run", LIMITS["default_run"] + args.default_run_limit))
     if "probe" not in skip:
