@@ -143,7 +143,14 @@ def part_train(bundle: str, args) -> dict:
             pass
         trainer = parser.get_parsed_content("train#trainer")
         evaluator = parser.get_parsed_content("validate#evaluator")
-        loops, walls, validations, marks = [], [], [], {}
+        loops, walls, validations, marks, steps = [], [], [], {}, []
+
+        def step_done(engine):  # a bundle too slow for the part's limit is stopped, and its epoch estimated
+            steps.append((engine.state.epoch, time.perf_counter()))
+            if steps[-1][1] - steps[0][1] > args.train_limit_s:
+                engine.terminate()
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, step_done)
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: marks.__setitem__("epoch", time.perf_counter()))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: (
             loops.append(e.state.times[Events.EPOCH_COMPLETED.name]),
@@ -154,11 +161,17 @@ def part_train(bundle: str, args) -> dict:
             torch.cuda.reset_peak_memory_stats(args.device)
         parser.get_parsed_content("run")  # as `python -m monai.bundle run` runs it
         peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if torch.cuda.is_available() else float("nan")
-        steady = slice(1, None) if len(loops) > 1 else slice(None)
-        epoch_s = statistics.median(loops[steady])
-        validation_s = statistics.median(validations[steady])
-        epoch_end_s = statistics.median([w - lo - v for w, lo, v in zip(walls, loops, validations)][steady])
         iterations = trainer.state.epoch_length
+        estimated = len(loops) < args.epochs
+        if estimated:  # stopped: the median step after the first ten (cuDNN's autotuning) times the iterations
+            times = [t for _, t in steps]
+            epoch_s = statistics.median([b - a for a, b in zip(times[10:], times[11:])] or [float("nan")]) * iterations
+        else:
+            epoch_s = statistics.median(loops[1:] if len(loops) > 1 else loops)
+        steady = slice(1, None) if len(validations) > 1 else slice(None)
+        validation_s = statistics.median(validations[steady]) if validations else float("nan")
+        ends = [w - lo - v for w, lo, v in zip(walls, loops, validations)][steady]
+        epoch_end_s = statistics.median(ends) if ends else float("nan")
 
         amp = parser.get_parsed_content("amp")
         amp_dtype = parser.get_parsed_content("amp_dtype") if amp else None
@@ -166,11 +179,15 @@ def part_train(bundle: str, args) -> dict:
         network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
         optimizer = parser.get_parsed_content("optimizer")
         batch = _one_batch(parser, args.device)
-        network_s = _step_seconds(network, loss, optimizer, batch, amp_dtype, memory_format, iterations, args.device)
-        fp32_s = _step_seconds(network, loss, optimizer, batch, None, memory_format, iterations, args.device)
+        timed = min(iterations, 20)  # steps timed; network_s is scaled to the epoch's iterations
+        network_s = _step_seconds(network, loss, optimizer, batch, amp_dtype, memory_format, timed, args.device)
+        fp32_s = _step_seconds(network, loss, optimizer, batch, None, memory_format, timed, args.device)
+        network_s *= iterations / timed
+        fp32_s *= iterations / timed
     return {
         "iterations": iterations, "default_epochs": _train_parser(bundle, args, Path(".")).get_parsed_content("epochs"),
-        "epoch_s": epoch_s, "network_s": network_s, "epoch_over_network": epoch_s / network_s,
+        "epoch_s": epoch_s, "epoch_s_estimated": float(estimated), "network_s": network_s,
+        "epoch_over_network": epoch_s / network_s,
         "validation_s": validation_s, "epoch_end_s": epoch_end_s,
         "overhead_share": (validation_s / default_interval + epoch_end_s) / epoch_s,
         "peak_memory_gb": peak, "precision": str(amp_dtype).replace("torch.", "") if amp else "float32",
@@ -328,7 +345,7 @@ def run_part(part: str, args, limit: float, default_run_steps: int = 0) -> dict:
     """Run one part in a child process; its result, or ``{"error": ...}`` when it failed or ran out of time."""
     command = [sys.executable, __file__, "--part", part, "--device", args.device, "--data", args.data,
                "--epochs", str(args.epochs), "--default_run_limit", str(args.default_run_limit),
-               "--default_run_steps", str(default_run_steps)]
+               "--default_run_steps", str(default_run_steps), "--train_limit_s", str(args.train_limit_s)]
     if args.references:
         command += ["--references", args.references]
     if args.quick:
@@ -403,6 +420,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bundles", default=",".join(BUNDLES))
     parser.add_argument("--skip", default="",
                         help="parts to leave out: train,deterministic,default_run,compare,probe,infer")
+    parser.add_argument("--train_limit_s", type=float, default=45.0,
+                        help="a bundle's training stops after this many seconds; its epoch is then estimated")
     parser.add_argument("--budget_s", type=float, default=480.0,
                         help="no part is started once this many seconds have passed (default: 8 minutes)")
     parser.add_argument("--epochs", type=int, default=2,
