@@ -43,6 +43,7 @@ def test_the_gpu_check_writes_every_figure(tmp_path):
         for metric in PER_BUNDLE:
             assert (bundle, metric) in values, f"{bundle} has no {metric}"
         assert math.isfinite(float(values[(bundle, "epoch_over_network")]))
+    assert float(values[("unet_segmentation", "deterministic_epoch_s")]) > 0
     for metric in ("default_run_s", "default_run_dice"):
         assert 0 <= float(values[("unet_segmentation", metric)]) < math.inf
     assert float(values[("dnet", "dnet_bf16_depthwise_step_s")]) > 0

@@ -229,3 +229,18 @@ def test_poly_lr_follows_a_wall_clock_budget_when_it_ends_first():
 def test_poly_lr_refuses_a_warmup_outside_the_budget():
     with pytest.raises(ValueError, match="warmup"):
         PolyLR(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), warmup=1.5)
+
+
+def test_validation_every_interval_and_after_the_last_epoch():
+    from bundletools.handlers import ValidationHandler
+
+    class Recorded(ValidationHandler):
+        def __call__(self, engine):
+            validated.append(engine.state.epoch)
+
+    for interval, epochs, expected in [(5, 8, [5, 8]), (5, 10, [5, 10]), (1, 3, [1, 2, 3]), (4, 2, [2])]:
+        validated = []
+        trainer = Engine(lambda engine, batch: None)
+        Recorded(interval=interval).attach(trainer)
+        trainer.run([0, 1], max_epochs=epochs)
+        assert validated == expected, (interval, epochs)
