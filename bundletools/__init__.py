@@ -53,8 +53,15 @@ def bundle_root() -> str:
     (``python -m monai.bundle run ... --config_file <bundle>/configs/train.json``, also under ``torchrun``, or a
     ``ConfigWorkflow``), the same folder MONAI itself puts on ``sys.path`` for a bundle's ``scripts``. So a bundle
     folder copied anywhere keeps its ``models/``, ``eval/`` and ``segmentations/`` in the copy. MONAI Label sets
-    ``bundle_root`` itself. Configs cannot see their own file, hence the look at the running workflow; outside
-    one (a bare ``ConfigParser``), set ``bundle_root``.
+    ``bundle_root`` itself; outside a workflow (a bare ``ConfigParser``), set ``bundle_root``.
+
+    This is the one place the bundles look into the running process, because a config cannot see its own file:
+    MONAI's ``ConfigWorkflow`` (1.5 and 1.6) keeps the folder of its first config file (``config_root_path``) to
+    itself, reads the files' contents without their paths and ``metadata.json`` as content (``_meta_``), and puts
+    the bundle folder on ``sys.path`` only in ``run()``, after ``bundle_root`` may have been read (MONAI's
+    ``bundle_root`` property, ``check_properties``). So the workflow is looked for on the call stack, where it is
+    evaluating this expression. Everything else (the runner's config files, metadata, settings) the config hands
+    over explicitly.
     """
     import inspect
 

@@ -10,7 +10,8 @@ is different about one bundle, in four kinds of entries:
   ``roi_size``, ...); a key the template lacks goes just before ``network_def``.
 - ``train``, ``evaluate``, ``inference``, ``multi_gpu_train``: config ids to set, written the MONAI way
   (``"epochs"``, ``"validate#inferer#roi_size"``) and applied with MONAI's own :class:`ConfigParser`. A nested id
-  must exist in the template, or be a new argument of a component (a typo is an error); ids never address a list item by position
+  must exist in the template, or be a new argument of a component or a new entry of ``outputs`` (a bundle's own
+  output, ``"outputs#uncertainty"``); a typo is an error. Ids never address a list item by position
   (``"preprocessing#transforms#5"`` is refused): lists grow through extension points.
 - ``extend``: per config file, the items of its named extension points. A template list holds a point as the item
   ``{"_extension_": "<name>"}``; the generator replaces it with the spec's items, or with nothing. The points are
@@ -50,6 +51,7 @@ _PLACEHOLDER_NAME = "BUNDLE_NAME"
 _LEGACY_SEP = "#"
 _EXTENSION_KEY = "_extension_"
 GENERATED_KEY = "_generated_"
+_OPEN_MAPPINGS = ("outputs",)  # mappings a spec may add entries to, besides a component's arguments
 
 # extension point -> where it sits; a spec may fill only these (checked against the templates by a test)
 EXTENSION_POINTS = {
@@ -141,8 +143,10 @@ def _set_ids(config: dict, overrides: dict[str, Any], where: str) -> dict:
             container = parser[parent]
         except (KeyError, IndexError, ValueError) as e:
             raise KeyError(f"{where}: {config_id!r} does not exist in the template (no {parent!r})") from e
-        # a new key only as an argument of a component (a misspelt one fails when it is instantiated)
-        if not isinstance(container, dict) or (last not in container and "_target_" not in container):
+        # a new key only as an argument of a component (a misspelt one fails when it is instantiated) or an entry of
+        # an open mapping
+        if not isinstance(container, dict) or (last not in container and "_target_" not in container
+                                               and parent not in _OPEN_MAPPINGS):
             raise KeyError(f"{where}: {config_id!r} does not exist in the template; new keys go at the top level")
         parser[config_id] = copy.deepcopy(value)
     return parser.get()

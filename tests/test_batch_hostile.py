@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import monai.bundle
 import nibabel as nib
@@ -59,13 +60,20 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray | None = None, affine=N
              os.fsdecode(path))
 
 
-def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
-    """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it; returns the report."""
+def evaluator(scans: Path, out: Path, root: Path, **overrides):
+    """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it (with the bundle's
+    metadata.json, which names the DICOM SEG's segments)."""
     parser = ConfigParser()
     parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
+    parser.read_meta(BUNDLES / UNET / "configs" / "metadata.json")
     parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
                    **overrides})
-    runner = parser.get_parsed_content("evaluator")
+    return parser.get_parsed_content("evaluator")
+
+
+def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
+    """The report of :func:`evaluator`'s run (no exit status)."""
+    runner = evaluator(scans, out, root, **overrides)
     runner.exit_on_failure = False
     return runner.run()
 
@@ -491,7 +499,7 @@ def test_resume_redoes_changed_inputs_and_other_models_and_records_checksums(tmp
     save_nifti(scans / "a.nii.gz", volume(1))
     save_nifti(scans / "b.nii.gz", volume(2))
     model = unet_root / "models" / "model.pt"
-    report = batch(scans, out, unet_root)
+    report = batch(scans, out, unet_root, config_files=[str(config)])
     cases = by_input(report)
     assert cases["a.nii.gz"]["input_sha256"] == sha256(scans / "a.nii.gz")
     assert cases["a.nii.gz"]["model_sha256"] == sha256(model)
@@ -554,12 +562,8 @@ def test_outputs_are_synced_to_disk_before_they_are_renamed(tmp_path, unet_root,
 # Each test names the item of issue 24 it checks.
 def batch_exits(scans: Path, out: Path, root: Path, **overrides) -> tuple[int, dict | None]:
     """The evaluator run as a pipeline runs it (exiting on failure): (exit status, the report it returned)."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
-    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
-                   **overrides})
     try:
-        return 0, parser.get_parsed_content("evaluator").run()
+        return 0, evaluator(scans, out, root, **overrides).run()
     except SystemExit as e:
         return e.code, None
 
@@ -650,7 +654,7 @@ def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp
     cache = tmp_path / "cache"
 
     def run(model_sha256: str = "a" * 64) -> torch.Tensor:
-        return OnnxRuntimeNetwork(network, cache, model_sha256)(x)
+        return OnnxRuntimeNetwork(network, SimpleNamespace(sha256=model_sha256), cache)(x)
 
     torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
     (onnx_file,) = cache.glob("model-*.onnx")
@@ -687,7 +691,7 @@ def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp
                           (tmp_path / "none.onnx", r"none\.onnx: onnx_path cannot be read"),
                           (tmp_path, r"onnx_path is not a regular file")):
         with pytest.raises(BatchError, match=message):
-            OnnxRuntimeNetwork(network, cache, "a" * 64, onnx_path=path)
+            OnnxRuntimeNetwork(network, SimpleNamespace(sha256="a" * 64), cache, onnx_path=path)
 
 
 def _add_to_bias(path: Path, value: float) -> None:
@@ -917,16 +921,14 @@ def test_case_names_that_look_like_formulas_are_neutralised_in_the_csv_only(tmp_
 
 # ----------------------------------------------------------------------- 10: a SEG that cannot be made
 @pytest.fixture
-def dicom_seg_scans(tmp_path, monkeypatch) -> Path:
-    """A folder with an MR series and a NIfTI; the bundle's config on the command line (for metadata.json)."""
+def dicom_seg_scans(tmp_path) -> Path:
+    """A folder with an MR series and a NIfTI."""
     pytest.importorskip("highdicom")
     from tests.test_dicomseg import AXIAL, write_mr_series
 
     scans = tmp_path / "scans"
     write_mr_series(scans / "series", volume(4, (20, 16, 8)) * 100, (0.9, 0.8, 1.5), (-5.0, 3.0, 4.0), AXIAL)
     save_nifti(scans / "plain.nii.gz")
-    config = BUNDLES / UNET / "configs" / "inference.json"
-    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", str(config)])
     return scans
 
 
@@ -1010,8 +1012,8 @@ def test_max_voxels_applies_to_the_resampled_volume_before_it_is_made(tmp_path, 
     parser = ConfigParser()
     parser.read_config(BUNDLES / "csam_unet_segmentation" / "configs" / "inference.json")
     parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(scans), "output_dir": str(tmp_path / "csam")})
-    csam = parser.get_parsed_content("evaluator")
-    assert csam.pixdim == (1.0, 1.0, 0.0) and csam._slice_axis_last
+    limits = parser.get_parsed_content("evaluator").input_limits
+    assert limits.pixdim == (1.0, 1.0, 0.0) and limits.slice_axis_last
 
 
 # ------------------------------------------------------------------- 12: bad values of real keys, one line
@@ -1021,11 +1023,9 @@ def infer_here(monkeypatch, tmp_path, capsys):
     logging configuration is left out: it would replace pytest's log capture."""
     import monai.bundle.workflows
 
-    from bundletools import batch as batch_module
     from bundletools.infer import main
 
     monkeypatch.setattr(monai.bundle.workflows, "fileConfig", lambda *args, **kwargs: None)
-    monkeypatch.setattr(batch_module, "RUN_CONFIG_FILES", [])
     monkeypatch.chdir(tmp_path)
 
     def infer(*args) -> tuple[int, str]:

@@ -28,6 +28,7 @@ from PIL import Image
 from bundletools import BatchInference
 from bundletools.batch import TMP_PREFIX, failure_reason
 from bundletools.data import DatasetError, check_dicom_series, inference_datalist
+from bundletools.model import Checkpoint
 from bundletools.qc import PALETTE, render_qc
 from tests.conftest import BUNDLES, config_list, run_bundle
 
@@ -323,8 +324,10 @@ def test_every_bundle_builds_the_runner_and_survives_a_bad_case(bundle, tmp_path
     assert runner.postprocessing is workflow.parser.get_parsed_content("postprocessing")
     post = [type(t).__name__ for t in runner.postprocessing.transforms]
     assert "Invertd" in post and "SaveImaged" not in post  # MONAI Label appends its own writer
-    assert runner.ckpt_path == str(root / "models" / "model.pt") and runner.outputs["pred"]["postfix"] == "seg"
-    assert (runner.overwrite, runner.qc, runner.num_workers) == (False, False, 0)
+    assert runner.checkpoint.path == str(root / "models" / "model.pt")
+    assert runner.checkpoint.network is workflow.parser.get_parsed_content("network_def")
+    assert list(runner.outputs) == ["pred"] and runner.outputs["pred"].suffix == "_seg.nii.gz"  # no QC, no SEG
+    assert (runner.overwrite, runner.execution.num_workers) == (False, 0)
     with pytest.raises(SystemExit) as exit_info:
         workflow.run()
     assert exit_info.value.code == 2
@@ -352,11 +355,13 @@ def unet_parts(tmp_path):
     return parser
 
 
-def _runner(parser: ConfigParser, **kwargs) -> BatchInference:
+def _runner(parser: ConfigParser, ckpt_path: str | Path | None = None, **kwargs) -> BatchInference:
+    """The runner built from the config's parts by hand, as a program using it from Python would."""
+    network = parser.get_parsed_content("network")
+    checkpoint = Checkpoint(ckpt_path or parser.get_parsed_content("ckpt_path"), network)
     args = dict(dataset=parser.get_parsed_content("dataset"), output_dir=parser.get_parsed_content("output_dir"),
-                network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("inferer"),
-                postprocessing=parser.get_parsed_content("postprocessing"),
-                ckpt_path=parser.get_parsed_content("ckpt_path"))
+                network=network, inferer=parser.get_parsed_content("inferer"),
+                postprocessing=parser.get_parsed_content("postprocessing"), checkpoint=checkpoint)
     args.update(kwargs)
     return BatchInference(**args)
 
