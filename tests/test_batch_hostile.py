@@ -1157,3 +1157,18 @@ def test_an_output_removed_during_the_run_fails_its_case(tmp_path, unet_root, ca
     cases = by_input(json.loads((out / "report.json").read_text()))
     assert cases["a.nii.gz"]["status"] == "failed" and "a_seg.nii.gz no longer there" in cases["a.nii.gz"]["reason"]
     assert cases["b.nii.gz"]["status"] == "succeeded"
+
+
+def test_relative_folders_survive_itk_changing_the_working_directory(tmp_path, unet_root, monkeypatch):
+    """ITK changes the process's working directory for a moment whenever it loads one of its modules (in whichever
+    thread first needs it); with relative IN and OUT, a NIfTI case written meanwhile landed elsewhere and failed
+    as "the output folder was removed during the run". Paths are made absolute first."""
+    monkeypatch.chdir(tmp_path)
+    scans = Path("scans")
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    write_dicom_series(scans / "series", volume(2, (6, 18, 22)) * 100, (0.8, 0.7, 2.0), (0.0, 0.0, 0.0), IDENTITY,
+                       "1.2.826.0.1.3680043.2.1125.14.9")
+    report = batch(scans, Path("out"), unet_root, num_workers=0)
+    assert {c["case"]: c["status"] for c in report["cases"]} == {"a": "succeeded", "series": "succeeded"}, report
+    assert (tmp_path / "out" / "a_seg.nii.gz").is_file() and (tmp_path / "out" / "series_seg.nii.gz").is_file()
