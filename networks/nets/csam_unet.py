@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
+"""CSAM U-Net: a 2D U-Net over the slices of a volume with cross-slice attention on its skips (arXiv 2311.04942)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List, Optional, Tuple
 
 import torch
 from monai.networks.blocks import UpSample
@@ -12,18 +13,18 @@ from torch import nn
 from networks.blocks.common import ConvBlock
 from networks.blocks.csam import CSAM
 
-__all__ = ["CSAMUNet"]
+__all__ = ["CSAMUNet", "EncoderLevel", "UpBlock"]
 
 
 class EncoderLevel(nn.Module):
     """A ConvBlock whose output goes on unchanged and, through the optional CSAM, to the skip connection."""
 
-    def __init__(self, conv: ConvBlock, csam: Optional[CSAM]) -> None:
+    def __init__(self, conv: ConvBlock, csam: CSAM | None) -> None:
         super().__init__()
         self.conv = conv
         self.csam = csam
 
-    def forward(self, x: torch.Tensor, num_slices: int, sample: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, num_slices: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.conv(x)
         csam = self.csam
         if csam is None:
@@ -171,20 +172,17 @@ class CSAMUNet(nn.Module):
 
     def _forward(self, x: torch.Tensor, sample: bool) -> torch.Tensor:
         if x.dim() != 5:
-            raise ValueError("CSAMUNet expects a (B, C, H, W, D) tensor, got shape " + str(list(x.shape)) + ".")
+            raise ValueError(f"CSAMUNet expects a (B, C, H, W, D) tensor, got shape {list(x.shape)}.")
         volumes, channels, height, width, slices = x.shape
         if height % self.size_divisor[0] != 0 or width % self.size_divisor[1] != 0:
             raise ValueError(
-                "H and W must be divisible by "
-                + str(self.size_divisor[0])
-                + " (2 ** (len(channels) - 1)), got "
-                + str([height, width])
-                + "; pad the input in-plane."
+                f"H and W must be divisible by {self.size_divisor[0]} (2 ** (len(channels) - 1)), "
+                f"got {[height, width]}; pad the input in-plane."
             )
         # slices of one volume become consecutive entries of the 2D batch
         h = x.permute(0, 4, 1, 2, 3).reshape(volumes * slices, channels, height, width)
 
-        skips: List[torch.Tensor] = []
+        skips: list[torch.Tensor] = []
         for level, encoder_level in enumerate(self.encoder):
             if level > 0:
                 h = self.pool(h)
@@ -200,7 +198,7 @@ class CSAMUNet(nn.Module):
     @torch.jit.export
     def predict_with_uncertainty(
         self, x: torch.Tensor, num_samples: int = 8, measure: str = "entropy"
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Monte-Carlo inference: ``num_samples`` passes that each draw the slice attention from its distribution.
 
@@ -219,9 +217,9 @@ class CSAMUNet(nn.Module):
         if not self.stochastic:
             raise ValueError("predict_with_uncertainty needs use_csam, slice_attention and uncertainty enabled.")
         if num_samples < 1:
-            raise ValueError("num_samples must be positive, got " + str(num_samples) + ".")
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
         if measure not in ["entropy", "variance"]:
-            raise ValueError("measure must be 'entropy' or 'variance', got '" + measure + "'.")
+            raise ValueError(f"measure must be 'entropy' or 'variance', got '{measure}'.")
         with torch.no_grad():
             prob_sum = torch.zeros(0)
             prob_sq_sum = torch.zeros(0)
@@ -242,3 +240,4 @@ class CSAMUNet(nn.Module):
                 dist = torch.cat([mean, 1.0 - mean], dim=1) if self.out_channels == 1 else mean
                 uncertainty = -(dist * torch.log(dist.clamp_min(1e-12))).sum(dim=1, keepdim=True)
         return mean, uncertainty
+
