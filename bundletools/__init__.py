@@ -72,12 +72,11 @@ def bundle_root() -> str:
 
 
 def bundle_path(name: str) -> str:
-    """Folder of the bundle ``name`` in this checkout (``python -m bundletools.infer <name>`` looks bundles up by
-    name here; the configs default to :func:`bundle_root` instead)."""
-    path = REPO_ROOT / "bundles" / name
-    if not (path / "configs").is_dir():
-        raise FileNotFoundError(f"bundle {name!r} not found at {path}; pass the folder of the bundle instead")
-    return str(path)
+    """Folder of the bundle ``name`` in this checkout (:func:`bundletools.bundles.bundle_dir`; the configs default to
+    :func:`bundle_root` instead)."""
+    from .bundles import bundle_dir
+
+    return str(bundle_dir(name))
 
 
 def default_dataset_dir(task: str) -> str:

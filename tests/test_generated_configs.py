@@ -9,7 +9,8 @@ import re
 import pytest
 from monai.bundle import ConfigParser
 
-from bundletools.generate import CONFIG_FILES, EXTENSION_POINTS, GENERATED_KEY, TEMPLATES, generate, render_bundle
+from bundletools.generate import (CONFIG_FILES, EXTENSION_POINTS, GENERATED_KEY, TEMPLATES, generate, main,
+                                  render_bundle)
 from tests.conftest import BUNDLES
 
 TEMPLATE_METADATA = json.loads((TEMPLATES / "metadata.json").read_text())
@@ -118,7 +119,7 @@ def test_every_generated_file_says_it_is_generated(tmp_path):
     assert parser.get_parsed_content("sw_overlap") == 0.5 and GENERATED_KEY in parser.get()
 
 
-def test_check_prints_a_diff_of_each_out_of_date_file(tmp_path, capsys, monkeypatch):
+def test_check_prints_a_diff_of_each_out_of_date_file(tmp_path, capsys):
     bundle = _toy_bundle(tmp_path, {"train": {"epochs": 7}})
     generate(tmp_path / "bundles")
     assert generate(tmp_path / "bundles", check=True) == []
@@ -128,9 +129,6 @@ def test_check_prints_a_diff_of_each_out_of_date_file(tmp_path, capsys, monkeypa
     assert [path for path, _ in stale] == [train]
     diff = stale[0][1]
     assert '-    "epochs": 8,' in diff and '+    "epochs": 7,' in diff
-    monkeypatch.setattr("bundletools.generate.BUNDLES", tmp_path / "bundles")
-    import bundletools.generate as generate_module
-    monkeypatch.setattr(generate_module.generate, "__defaults__", (tmp_path / "bundles", False))
-    assert generate_module.main(["--check"]) == 1
+    assert main(["--check", "--bundles_dir", str(tmp_path / "bundles")]) == 1
     out = capsys.readouterr().out
     assert f"out of date: {train}" in out and '+    "epochs": 7,' in out
