@@ -20,7 +20,7 @@ from PIL import Image
 
 from bundletools import training_split
 from bundletools.demo import make_synthetic_dataset
-from tests.conftest import REPO, subprocess_env
+from tests.utils import REPO, subprocess_env
 
 SCRIPT = REPO / "benchmarks" / "collection.py"
 PLOTS = ["dice_vs_training_time.png", "dice_vs_inference_time.png", "params_vs_dice.png"]

@@ -15,12 +15,10 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, shared_data, subprocess_env
+from tests.utils import ALL_BUNDLES, REPO, UNET, shared_data, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-BUNDLES = ("unet_segmentation", "csam_unet_segmentation", "transunet_segmentation", "ukan_segmentation",
-           "dnet_segmentation")
 PER_BUNDLE = ("epoch_s", "network_s", "epoch_over_network", "amp_over_fp32_step", "validation_s", "overhead_share",
               "precision", "cases_per_min_task04", "large_scan_s")
 
@@ -39,12 +37,12 @@ def test_the_gpu_check_writes_every_figure(tmp_path):
     errors = [r for r in rows if r["metric"].endswith("_error")]
     assert not errors, errors
     values = {(r["bundle"], r["metric"]): r["value"] for r in rows}
-    for bundle in BUNDLES:
+    for bundle in ALL_BUNDLES:
         for metric in PER_BUNDLE:
             assert (bundle, metric) in values, f"{bundle} has no {metric}"
         assert math.isfinite(float(values[(bundle, "epoch_over_network")]))
     for metric in ("default_run_s", "default_run_dice"):
-        assert 0 <= float(values[("unet_segmentation", metric)]) < math.inf
+        assert 0 <= float(values[(UNET, metric)]) < math.inf
     assert float(values[("dnet", "dnet_bf16_depthwise_step_s")]) > 0
     table = (tmp_path / "gpu.md").read_text(encoding="utf-8")
-    assert "torch" in table and all(f"| {bundle} |" in table for bundle in BUNDLES)
+    assert "torch" in table and all(f"| {bundle} |" in table for bundle in ALL_BUNDLES)
