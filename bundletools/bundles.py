@@ -7,6 +7,8 @@ bundle is a new folder (``spec.json``, its card, the configs generated from the 
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 from pathlib import Path
 
@@ -38,13 +40,19 @@ def bundle_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def default_task(name: str) -> str:
-    """The folder name of the bundle's default task (``Task04_Hippocampus``): the last part of the ``dataset_dir``
-    its ``train.json`` defaults to, so the data a benchmark gives a bundle follow the bundle's own spec."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle_dir(name) / "configs" / "train.json"))
-    return Path(parser.get_parsed_content("dataset_dir")).name
+    """The folder name of the bundle's default task (``Task04_Hippocampus``), so the data a benchmark gives a bundle
+    follow its spec: the ``<task>`` of the ``dataset_dir`` its ``train.json`` defaults to, which must be
+    ``$bundletools.default_dataset_dir('<task>')`` (read, not evaluated: no torch or MONAI needed)."""
+    path = bundle_dir(name) / "configs" / "train.json"
+    expression = str(json.loads(path.read_text(encoding="utf-8")).get("dataset_dir", ""))
+    try:
+        call = ast.parse(expression.removeprefix("$"), mode="eval").body
+        if ast.unparse(call.func) == "bundletools.default_dataset_dir" and len(call.args) == 1 and not call.keywords:
+            return ast.literal_eval(call.args[0])
+    except (SyntaxError, ValueError, AttributeError):
+        pass
+    raise ValueError(f"{path}: dataset_dir {expression!r} names no task; it must default to "
+                     "$bundletools.default_dataset_dir('<task folder name>')")
 
 
 def short_names() -> dict[str, str]:

@@ -36,7 +36,17 @@ def test_short_names_are_the_first_word_unless_it_is_shared(tmp_path, monkeypatc
                              "unet_thick_segmentation": "unet_thick"}
 
 
-def test_default_task_is_the_folder_the_bundle_trains_on_by_default():
+def test_default_task_is_the_folder_the_bundle_trains_on_by_default(tmp_path, monkeypatch):
     tasks = {name: default_task(name) for name in bundle_names()}
     assert tasks["csam_unet_segmentation"] == "Task04_Hippocampus_thick3mm"
     assert tasks["unet_segmentation"] == "Task04_Hippocampus"
+
+    monkeypatch.setattr(bundletools, "REPO_ROOT", tmp_path)
+    _spec(tmp_path / "bundles", "odd_segmentation")
+    (tmp_path / "bundles" / "odd_segmentation" / "configs").mkdir()
+    train = tmp_path / "bundles" / "odd_segmentation" / "configs" / "train.json"
+    train.write_text(json.dumps({"dataset_dir": "$bundletools.default_dataset_dir('MyTask')"}))
+    assert default_task("odd_segmentation") == "MyTask"
+    train.write_text(json.dumps({"dataset_dir": "/data/MyTask"}))
+    with pytest.raises(ValueError, match="must default to .bundletools.default_dataset_dir"):
+        default_task("odd_segmentation")
