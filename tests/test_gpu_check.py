@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""benchmarks/gpu_check.py runs end to end (on the CPU, in its quick mode) and writes every figure the docs quote.
+"""benchmarks.gpu_check runs end to end (on the CPU, in its quick mode) and writes every figure the docs quote.
 
 The GPU machine is lent for minutes at a time; the check must work at its first call there. This runs each of its
 parts on the real data with tiny epochs and inputs (the authors' code is not available here, so the comparison
@@ -27,7 +27,7 @@ def test_the_gpu_check_writes_every_figure(tmp_path):
     data = shared_data("Task04_Hippocampus").parent
     shared_data("Task04_Hippocampus_thick3mm")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--epochs", "2",
+        [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--epochs", "2",
          "--data", str(data), "--out", str(tmp_path), "--log_dir", str(tmp_path / "logs")],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,7 +5,7 @@ CI has no GPU, so these tests check what a CPU can: that every bundle's ``train.
 CUDA is reported and today's CPU settings otherwise, that the settings a CPU can run (the in-thread loader, the
 memory format, determinism, sparse training-state writes) train, that the cached training volumes survive an epoch
 unchanged (the cache is not copied for each sample any more), and that inference reads NIfTI without ITK (the GPU
-machine has none). The GPU figures themselves come from ``benchmarks/gpu_check.py``.
+machine has none). The GPU figures themselves come from ``python -m benchmarks.gpu_check``.
 """
 
 from __future__ import annotations
