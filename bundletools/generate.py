@@ -241,13 +241,17 @@ def generate(root: Path | None = None, check: bool = False) -> list[tuple[Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="bundletools-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
                         help="only compare: print a diff of every out-of-date file (exit 1 if any)")
     parser.add_argument("--bundles_dir", type=Path, default=None,
                         help="the folder of the bundles (default: bundles/ of this checkout)")
     args = parser.parse_args(argv)
-    stale = generate(args.bundles_dir, check=args.check)
+    root = args.bundles_dir or bundles_dir()
+    if not bundle_names(root):
+        parser.error(f"no bundles (folders with a spec.json) in {root}; pass --bundles_dir")
+    stale = generate(root, check=args.check)
     for path, diff in stale:
         if args.check:
             print(f"out of date: {path}")
