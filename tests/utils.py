@@ -287,6 +287,45 @@ def make_vit_r50_npz(path, drop: str | None = None, reshape: tuple[str, tuple] |
 
 
 # -------------------------------------------------------------------------------------------------- networks
+# a new network file as a contributor writes one (the scratch_network fixture puts it next to the networks)
+SCRATCH_NETWORK = '''"""A scratch network: one strided convolution down, one transposed convolution up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+from networks.registry import register_network
+
+__all__ = ["ScratchNet", "scratch_tiny"]
+
+
+class ScratchNet(nn.Module):
+    """Conv 3 stride 2, ReLU, transposed conv 2 stride 2 to ``out_channels``; sizes must be even."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: int = 8) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.size_divisor = (2,) * spatial_dims
+        self.down = Conv[Conv.CONV, spatial_dims](in_channels, channels, kernel_size=3, stride=2, padding=1)
+        self.up = Conv[Conv.CONVTRANS, spatial_dims](channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(size % 2 for size in x.shape[2:]):
+            raise ValueError(f"ScratchNet needs every spatial size divisible by 2, got {list(x.shape[2:])}.")
+        return self.up(torch.relu(self.down(x)))
+
+
+@register_network(input_shape=(1, 1, 16, 16, 16))
+def scratch_tiny(**overrides: Any) -> ScratchNet:
+    """The scratch network, 3D, 1 input channel, 3 classes."""
+    return ScratchNet(**({"spatial_dims": 3, "in_channels": 1, "out_channels": 3} | overrides))
+'''
+
+
 def assert_network_conventions(name: str) -> None:
     """The face every network of the collection shows, for the registered configuration ``name`` (built on the
     meta device: shapes only, so paper-sized configurations cost nothing): MONAI's argument names (``spatial_dims``

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 import networks
 from networks import create_network, list_networks, network_entry, register_network
 from networks.nets.dnet import DNet
+from tests.utils import assert_network_conventions
 
 PAPER_CONFIGURATIONS = ["csam_unet_paper", "dnet_official", "dnet_paper", "transunet_r50_vit_b16", "ukan_official"]
 
@@ -44,27 +43,10 @@ def test_a_name_taken_by_another_module_is_refused():
         register_network(input_shape=(1, 1, 8, 8))(dnet_paper)
 
 
-@pytest.fixture
-def scratch_network(tmp_path, monkeypatch):
-    """A network file ``scratch_net.py`` (configuration ``scratch_tiny``) in a folder added to the network package's
-    path, as if it were put next to the others; the package and the registry are as before afterwards."""
-    (tmp_path / "scratch_net.py").write_text(
-        "from torch import nn\n"
-        "from networks.registry import register_network\n\n\n"
-        "@register_network(input_shape=(1, 1, 8, 8))\n"
-        "def scratch_tiny(**overrides):\n"
-        '    """A one-layer network."""\n'
-        "    return nn.Conv2d(1, overrides.get('out_channels', 2), 1)\n"
-    )
-    monkeypatch.setattr(networks.nets, "__path__", [*networks.nets.__path__, str(tmp_path)])
-    monkeypatch.setattr(networks.registry, "_REGISTRY", dict(networks.registry._REGISTRY))
-    yield "scratch_tiny"
-    sys.modules.pop("networks.nets.scratch_net", None)
-    if hasattr(networks.nets, "scratch_net"):
-        delattr(networks.nets, "scratch_net")
-
-
 def test_a_new_network_file_is_found_without_being_listed(scratch_network):
+    """A module put next to the networks (tests/conftest.py's scratch_network) registers its configurations as
+    soon as the networks are listed, and shows the collection's face."""
     assert scratch_network not in networks.registry._REGISTRY  # nothing imported it yet
     assert scratch_network in list_networks()
-    assert create_network(scratch_network, out_channels=3).out_channels == 3
+    assert create_network(scratch_network, out_channels=4).up.out_channels == 4
+    assert_network_conventions(scratch_network)
