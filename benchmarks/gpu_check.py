@@ -2,14 +2,14 @@
 """
 One GPU check, one command: every training, speed and throughput figure of the bundles on a GPU, in one call.
 
-    python benchmarks/gpu_check.py --references .device/official        # on a GPU machine, under 8 minutes
-    python benchmarks/gpu_check.py --device cpu --quick                 # the smoke test (tests/test_gpu_check.py)
+    python -m benchmarks.gpu_check --references .device/official        # on a GPU machine, under 8 minutes
+    python -m benchmarks.gpu_check --device cpu --quick                 # the smoke test (tests/test_gpu_check.py)
 
 Each part runs in a child process of its own with a time limit, so a stall (D-Net under bfloat16 once did not
 finish a step in 150 s) costs that part only, and GPU memory is returned between parts; the parts run one after
-the other, so no two share the GPU while being timed. What is measured, per bundle, with its ``train.json`` as it
-is (the settings its device chooses) on its default data (``Task04_Hippocampus``; the thick-slice copy for the
-CSAM bundle):
+the other, so no two share the GPU while being timed. What is measured, per bundle (every bundle under
+``bundles/``), with its ``train.json`` as it is (the settings its device chooses) on its default task (the folder
+its ``dataset_dir`` defaults to: ``Task04_Hippocampus``; the thick-slice copy for the CSAM bundle):
 
 - ``epoch_s``: a training epoch, the iteration loop only (from the second epoch on: the first includes cuDNN's
   autotuning), and ``iterations``;
@@ -48,14 +48,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-REPO = BENCHMARKS.parent
-sys.path.insert(0, str(REPO))
+from bundletools.bundles import bundle_names, default_task
 
-BUNDLES = ("unet_segmentation", "csam_unet_segmentation", "transunet_segmentation", "ukan_segmentation",
-           "dnet_segmentation")
-THICK = "Task04_Hippocampus_thick3mm"
-# the paper networks against the authors' code, at the input sizes of the issue's measurements
+REPO = Path(__file__).resolve().parents[1]
+# the paper networks against the authors' code, at the input sizes of the issue's measurements; the bundle whose
+# default run decides whether compiling pays back
 COMPARISONS = {
     "dnet": ("dnet-official", "DLK", [2, 1, 128, 128, 128], "dnet_segmentation"),
     "transunet": ("transunet-r50-vit-b16", "TransUNet", [2, 3, 224, 224], "transunet_segmentation"),
@@ -69,7 +66,7 @@ LIMITS = {"train": 75, "default_run": 30, "compare": 90, "dnet_bf16_probe": 30, 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 def _dataset(data: Path, bundle: str) -> Path:
-    return data / (THICK if bundle == "csam_unet_segmentation" else "Task04_Hippocampus")
+    return data / default_task(bundle)
 
 
 def _sync(device) -> None:
@@ -242,7 +239,7 @@ def part_default_run(args) -> dict:
 
 def part_compare(name: str, args) -> dict:
     """Ours against the authors' network: float32 both, and ours at the bundles' GPU settings (compiled too)."""
-    import speed
+    from benchmarks import speed
 
     config, folder, shape, _ = COMPARISONS[name]
     if args.quick:  # the smallest inputs each network takes
@@ -272,12 +269,12 @@ def part_dnet_bf16_probe(args) -> dict:
     float32 rule (``networks.blocks.fast.half_precision_depthwise``): what the rule saves."""
     import torch
 
-    from networks import DNet
+    from benchmarks.speed import loss_of
+    from networks import create_network
     from networks.blocks.fast import half_precision_depthwise
-    from speed import loss_of
 
     shape = [1, 1, 32, 32, 32] if args.quick else [2, 1, 128, 128, 128]
-    net = DNet(3, 1, 3, per_branch_selection=False, shared_norm=True).to(args.device).train()
+    net = create_network("dnet_official").to(args.device).train()
     x = torch.randn(shape, device=args.device)
     times = {}
     for label, context in (("dnet_bf16_step_s", contextlib.nullcontext),
@@ -300,7 +297,7 @@ def part_infer(bundle: str, args) -> dict:
     import torch
     from monai.bundle import ConfigParser
 
-    from batch_inference import big_scan, validation_cases
+    from benchmarks.batch_inference import big_scan, validation_cases
 
     dataset = _dataset(Path(args.data), bundle)
     with tempfile.TemporaryDirectory() as work:
@@ -343,18 +340,18 @@ def part_infer(bundle: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------- orchestration
 def run_part(part: str, args, limit: float, default_run_steps: int = 0) -> dict:
     """Run one part in a child process; its result, or ``{"error": ...}`` when it failed or ran out of time."""
-    command = [sys.executable, __file__, "--part", part, "--device", args.device, "--data", args.data,
-               "--epochs", str(args.epochs), "--default_run_limit", str(args.default_run_limit),
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", part, "--device", args.device,
+               "--data", args.data, "--epochs", str(args.epochs), "--default_run_limit", str(args.default_run_limit),
                "--default_run_steps", str(default_run_steps), "--train_limit_s", str(args.train_limit_s)]
     if args.references:
         command += ["--references", args.references]
     if args.quick:
         command.append("--quick")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     try:
+        # from the checkout's root, where `-m benchmarks.gpu_check` is found
         proc = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                              timeout=limit, env=env)
+                              timeout=limit, cwd=REPO)
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-2000:]
         return {"error": f"did not finish in {limit:.0f} s", "log": tail.decode() if isinstance(tail, bytes) else tail}
@@ -390,13 +387,14 @@ def write_outputs(rows: list[dict], env: dict, out: Path) -> None:
                "peak_memory_gb", "cases_per_min_task04", "large_scan_s"]
     values = {(r["bundle"], r["metric"]): r["value"] for r in rows}
     lines = [f"GPU check of {env['date']}: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN "
-             f"{env['cudnn']}, MONAI {env['monai']} (`python benchmarks/gpu_check.py`).", "",
+             f"{env['cudnn']}, MONAI {env['monai']} (`python -m benchmarks.gpu_check`).", "",
              "| bundle | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for bundle in BUNDLES:
+    bundles = bundle_names()
+    for bundle in bundles:
         cells = [_cell(values.get((bundle, m), "")) for m in metrics]
         lines.append(f"| {bundle} | " + " | ".join(cells) + " |")
     lines += ["", "| figure | value |", "|---|---|"]
-    shown = {(b, m) for b in BUNDLES for m in metrics}
+    shown = {(b, m) for b in bundles for m in metrics}
     for row in rows:
         if (row["bundle"], row["metric"]) not in shown:
             lines.append(f"| {row['bundle']} {row['metric']} | {_cell(row['value'])} |")
@@ -410,14 +408,15 @@ def _cell(value) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", default=os.environ.get("MONAI_DATA_DIRECTORY", str(REPO.parent / "shared" / "data")),
                         help="folder holding Task04_Hippocampus and Task04_Hippocampus_thick3mm")
     parser.add_argument("--references", help="folder with the authors' clones DLK, TransUNet and U-KAN")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark"), help="where gpu.csv and gpu.md go")
     parser.add_argument("--log_dir", help="a log per part (its stdout and stderr)")
-    parser.add_argument("--bundles", default=",".join(BUNDLES))
+    parser.add_argument("--bundles", default=None, help="comma-separated (default: every bundle under bundles/)")
     parser.add_argument("--skip", default="",
                         help="parts to leave out: train,deterministic,default_run,compare,probe,infer")
     parser.add_argument("--train_limit_s", type=float, default=45.0,
@@ -451,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args.device)
     print(json.dumps(env), flush=True)
     skip = set(filter(None, args.skip.split(",")))
-    bundles = [b for b in args.bundles.split(",") if b]
+    bundles = [b for b in args.bundles.split(",") if b] if args.bundles else bundle_names()
     parts: list[tuple[str, str, float]] = []
     if "train" not in skip:
         parts += [(bundle, f"train:{bundle}", LIMITS["train"]) for bundle in bundles]

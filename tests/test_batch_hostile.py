@@ -39,16 +39,11 @@ from monai.bundle import ConfigParser
 
 from bundletools.batch import TMP_PREFIX
 from bundletools.data import inference_datalist
-from tests.conftest import BUNDLES, subprocess_env
-from tests.test_batch_inference import UNET, random_model, read_reference, write_dicom_series
+from tests.utils import (AXIAL, BUNDLES, UNET, batch, by_input, evaluator, read_reference, strip_preamble,
+                         subprocess_env, write_dicom_series, write_mr_series)
 
 SHAPE = (16, 20, 12)
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
-
-
-@pytest.fixture(scope="module")
-def unet_root(tmp_path_factory) -> Path:
-    return random_model(UNET, tmp_path_factory.mktemp("unet_random"))
 
 
 def volume(seed: int = 0, shape=SHAPE) -> np.ndarray:
@@ -58,28 +53,6 @@ def volume(seed: int = 0, shape=SHAPE) -> np.ndarray:
 def save_nifti(path: str | os.PathLike, data: np.ndarray | None = None, affine=None) -> None:
     nib.save(nib.Nifti1Image(volume() if data is None else data, np.eye(4) if affine is None else affine),
              os.fsdecode(path))
-
-
-def evaluator(scans: Path, out: Path, root: Path, **overrides):
-    """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it (with the bundle's
-    metadata.json, which names the DICOM SEG's segments)."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
-    parser.read_meta(BUNDLES / UNET / "configs" / "metadata.json")
-    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
-                   **overrides})
-    return parser.get_parsed_content("evaluator")
-
-
-def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
-    """The report of :func:`evaluator`'s run (no exit status)."""
-    runner = evaluator(scans, out, root, **overrides)
-    runner.exit_on_failure = False
-    return runner.run()
-
-
-def by_input(report: dict) -> dict[str, dict]:
-    return {Path(c["input"]).name: c for c in report["cases"]}
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -352,11 +325,6 @@ def test_the_command_line_end_to_end(tmp_path, unet_root):
 
 
 # ---------------------------------------------------------------------------- 7: DICOM discovery, accounting
-def _strip_preamble(folder: Path) -> None:
-    for f in folder.iterdir():
-        f.write_bytes(f.read_bytes()[132:])  # no preamble, no "DICM": the file starts with the meta group
-
-
 def accounted(report: dict, path: Path) -> list[str]:
     """How the report accounts for ``path``: the statuses of its records, or of the records below it."""
     inside = [*((c["input"], c["status"]) for c in report["cases"]),
@@ -372,7 +340,7 @@ def test_dicom_series_are_found_and_every_entry_of_the_input_folder_is_accounted
     zyx = volume(3, (6, 18, 22)) * 100
     write_dicom_series(scans / "no_preamble", zyx, (0.8, 0.9, 2.0), (1.0, 2.0, 3.0), IDENTITY,
                        "1.2.826.0.1.3680043.2.1125.14.2")
-    _strip_preamble(scans / "no_preamble")
+    strip_preamble(scans / "no_preamble")
     write_dicom_series(scans / "crowded", zyx, (1, 1, 2), (0, 0, 0), IDENTITY, "1.2.826.0.1.3680043.2.1125.14.3")
     for i in range(25):
         (scans / "crowded" / f"a_thumbnail_{i:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not DICOM")
@@ -924,7 +892,6 @@ def test_case_names_that_look_like_formulas_are_neutralised_in_the_csv_only(tmp_
 def dicom_seg_scans(tmp_path) -> Path:
     """A folder with an MR series and a NIfTI."""
     pytest.importorskip("highdicom")
-    from tests.test_dicomseg import AXIAL, write_mr_series
 
     scans = tmp_path / "scans"
     write_mr_series(scans / "series", volume(4, (20, 16, 8)) * 100, (0.9, 0.8, 1.5), (-5.0, 3.0, 4.0), AXIAL)

@@ -30,10 +30,9 @@ from bundletools.batch import TMP_PREFIX, failure_reason
 from bundletools.data import DatasetError, check_dicom_series, inference_datalist
 from bundletools.model import Checkpoint
 from bundletools.qc import PALETTE, render_qc
-from tests.conftest import BUNDLES, config_list, run_bundle
+from tests.utils import (ALL_BUNDLES, BUNDLES, UNET, config_list, random_model, read_reference, run_bundle,
+                         write_dicom_series)
 
-ALL_BUNDLES = sorted(p.parent.name for p in BUNDLES.glob("*/spec.json"))
-UNET = "unet_segmentation"
 FAST = ["--num_workers", "0"]
 
 # good inputs: name -> case name
@@ -61,36 +60,6 @@ def _case(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str) -> None:
-    """One DICOM file per slice with the position and orientation tags that carry the geometry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(volume_zyx.astype(np.int16))
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = direction
-    for i in range(image.GetDepth()):
-        s = image[:, :, i]
-        s.SetMetaData("0020|000e", uid)  # series instance UID
-        s.SetMetaData("0020|0032", "\\".join(f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, i))))
-        s.SetMetaData("0020|0037", "\\".join(f"{c:.6f}" for c in (d[0], d[3], d[6], d[1], d[4], d[7])))
-        s.SetMetaData("0020|0013", str(i + 1))  # instance number
-        s.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
-        writer.Execute(s)
-
-
-def read_reference(path: Path) -> sitk.Image:
-    """An input as SimpleITK reads it (a DICOM folder as a series)."""
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-        return reader.Execute()
-    return sitk.ReadImage(str(path))
-
-
 def assert_same_grid(reference: sitk.Image, seg_path: Path) -> None:
     seg = sitk.ReadImage(str(seg_path))
     assert seg.GetPixelID() == sitk.sitkUInt8
@@ -162,17 +131,6 @@ def make_scans(folder: Path) -> Path:
     return folder
 
 
-def random_model(bundle: str, root: Path, **overrides) -> Path:
-    """``<root>/models/model.pt`` with the randomly initialised (seeded) weights of the bundle's network_def."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
-    parser.update(overrides)
-    torch.manual_seed(0)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
-    return root
-
-
 def report_of(out: Path) -> dict[str, dict]:
     """The report's records by input name (two inputs may share a case name)."""
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -188,11 +146,6 @@ def infer_args(scans: Path, out: Path, root: Path, *extra) -> list:
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
     return make_scans(tmp_path_factory.mktemp("batch") / "scans")
-
-
-@pytest.fixture(scope="module")
-def unet_root(tmp_path_factory) -> Path:
-    return random_model(UNET, tmp_path_factory.mktemp("unet_random"))
 
 
 @pytest.fixture(scope="module")

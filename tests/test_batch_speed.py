@@ -23,10 +23,9 @@ from monai.transforms import AsDiscreted
 
 from bundletools import BatchInference
 from bundletools.writers import WRITERS, ImageWriter
-from tests.conftest import BUNDLES, shared_data
+from tests.utils import BUNDLES, UNET, shared_data
 from transforms import Argmaxd, channel_argmax
 
-UNET = "unet_segmentation"
 
 
 # ---------------------------------------------------------------------------------------------------- argmax

@@ -16,8 +16,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from bundletools.writers import WRITERS, Writer, declare_outputs
-from tests.conftest import BUNDLES
-from tests.test_batch_inference import UNET, random_model
+from tests.utils import BUNDLES, UNET, random_model
 
 PREPARED: list[str] = []  # model SHA-256 of each VolumesWriter.prepare call
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_bundle
+from tests.utils import run_bundle
 
 pytestmark = pytest.mark.slow
 
