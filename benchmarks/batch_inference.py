@@ -16,17 +16,18 @@ new, today, new, ...) so that a busy machine slows them alike:
 
 Each process times its whole run (load, preprocess, infer, invert, write of every case, weight loading included)
 after building the workflow; process start and imports are not counted. Every pipeline first runs untimed on
-one scan (warm-up: page cache, ONNX export). Scans: the real images of the bundle's default dataset
-(``imagesTr`` + ``imagesTs``; Task04_Hippocampus, the thick-slice copy for the CSAM bundle) and a CT-sized scan
-(``--big_shape``, default 256x256x200 at 0.9 x 0.9 x 1.25 mm: a mosaic of real Task04 crops). Prints, per bundle
+one scan (warm-up: page cache, ONNX export). Scans: the real images of the bundle's default task (``imagesTr`` +
+``imagesTs`` of the folder its ``dataset_dir`` defaults to: Task04_Hippocampus, the thick-slice copy for the CSAM
+bundle) and a CT-sized scan (``--big_shape``, default 256x256x200 at 0.9 x 0.9 x 1.25 mm: a mosaic of real Task04
+crops). Every bundle under ``bundles/`` unless ``--bundles`` names some. Prints, per bundle
 and scan set: seconds (median over rounds), cases per minute, the ratio to ``today``; on the 42-case validation
 split (the bundles' ``training_split``, seed 0) the mean Dice (classes 1..N-1) of each pipeline and its
 difference to ``today``; how many outputs equal today's voxel for voxel; and the CPU seconds each run used (its
 process and its DataLoader workers; on a shared machine a steadier measure of the work than the wall time).
 
-    python benchmarks/batch_inference.py --weights /work/wts          # <weights>/<bundle>/models/model.pt
-    python benchmarks/batch_inference.py --bundles unet_segmentation --max_cases 20 --rounds 3
-    python benchmarks/batch_inference.py --pipelines today,new,new-ort --big_scans 0
+    python -m benchmarks.batch_inference --weights /work/wts          # <weights>/<bundle>/models/model.pt
+    python -m benchmarks.batch_inference --bundles unet_segmentation --max_cases 20 --rounds 3
+    python -m benchmarks.batch_inference --pipelines today,new,new-ort --big_scans 0
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "02abab6"  # main before the faster runner (issue 16)
-ALL_BUNDLES = ("unet_segmentation", "csam_unet_segmentation", "dnet_segmentation", "transunet_segmentation",
-               "ukan_segmentation")
 PIPELINES = ("today", "new", "new-ort", "model-zoo")
 
 
@@ -69,7 +68,7 @@ def zoo_config(parser) -> None:
 
 def child(pipeline: str, root: str, bundle: str, scans: str, out: str, ckpt: str, num_workers: int) -> None:
     """Run one pipeline in this process (code and configs from ``root``) and print its timing as JSON."""
-    sys.path.insert(0, root)
+    sys.path.insert(0, root)  # the tree under test, ahead of the installed one: the point of the comparison
     import torch
     from monai.bundle import ConfigParser
 
@@ -151,7 +150,6 @@ def dice(pred, label, classes: int) -> float:
 
 def validation_cases(dataset: Path) -> dict[str, Path]:
     """Case name -> label path of the bundles' validation split (42 cases on Task04)."""
-    sys.path.insert(0, str(REPO))
     from bundletools.data import case_name, msd_training_datalist, split_datalist
 
     _, val = split_datalist(msd_training_datalist(dataset), val_fraction=0.2, seed=0)
@@ -233,8 +231,9 @@ def bench_set(bundle: str, label: str, images: list[Path], pipelines: list[str],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundles", default=",".join(ALL_BUNDLES))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batch_inference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", default=None, help="comma-separated (default: every bundle under bundles/)")
     parser.add_argument("--pipelines", default="today,new", help=f"comma-separated, of {', '.join(PIPELINES)}")
     parser.add_argument("--baseline", default=BASELINE, help="git revision of today's runner")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder of Task04_Hippocampus")
@@ -257,6 +256,9 @@ def main() -> None:
         child(pipeline, root, bundle, scans, out, ckpt, int(workers))
         return
 
+    # here, not at the top: a child runs a baseline tree's bundletools, which may have no bundles module
+    from bundletools.bundles import bundle_names, default_task
+
     pipelines = args.pipelines.split(",")
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
@@ -268,8 +270,8 @@ def main() -> None:
         if "today" in pipelines:
             roots["today"] = baseline_tree(args.baseline, work)
         print(f"today = {args.baseline} ({roots.get('today', '-')}), new = {REPO}")
-        for bundle in args.bundles.split(","):
-            task = "Task04_Hippocampus_thick3mm" if bundle == "csam_unet_segmentation" else "Task04_Hippocampus"
+        for bundle in args.bundles.split(",") if args.bundles else bundle_names():
+            task = default_task(bundle)
             dataset = Path(args.data) / task
             images = sorted(p for sub in ("imagesTr", "imagesTs") for p in (dataset / sub).glob("*.nii.gz")
                             if not p.name.startswith("."))
@@ -282,8 +284,7 @@ def main() -> None:
             ckpt = (Path(args.weights) / bundle / "models" / "model.pt" if args.weights
                     else REPO / "bundles" / bundle / "models" / "model.pt")
             if not ckpt.is_file():
-                sys.path.insert(0, str(REPO / "benchmarks"))
-                from large_volume_memory import random_checkpoint
+                from benchmarks.large_volume_memory import random_checkpoint
 
                 ckpt = work / bundle / "models" / "model.pt"
                 random_checkpoint(bundle, ckpt, {})

@@ -14,10 +14,12 @@ For each entry, on CPU:
 3. time inference per case with the bundle's inference config (the batch runner, one process, no loader
    workers: read, preprocess, sliding window, invert, write) over the same scans.
 
-Entries: the five bundles, and the MONAI networks a user would pick instead (DynUNet, SegResNet, UNETR,
-SwinUNETR; MONAI's UNet is the ``unet`` bundle itself), trained with the UNet bundle's configuration (data,
-transforms, loss, optimiser, patch) with only the network swapped. The 2.5D comparison trains the CSAM bundle
-and the UNet bundle on the thick-slice copy (1x1x3 mm) and scores both on its validation split.
+Entries: every bundle under ``bundles/`` (found, not listed: its entry is named by the first word of its name,
+with ``_thick`` when its default task is the thick-slice copy), and the MONAI networks a user would pick instead
+(DynUNet, SegResNet, UNETR, SwinUNETR; MONAI's UNet is the ``unet`` bundle itself), trained with the UNet
+bundle's configuration (data, transforms, loss, optimiser, patch) with only the network swapped. The 2.5D
+comparison trains the CSAM bundle and the UNet bundle on the thick-slice copy (1x1x3 mm) and scores both on its
+validation split.
 
 ``--seeds 0,1,2`` trains each entry of ``--seed_entries`` (all entries without it) once per training seed, a
 separate run each; the validation split stays the same. The table gives mean ± standard deviation and the range
@@ -29,10 +31,10 @@ section per budget, with the machine and the command), and three plots (``dice_v
 ``--work_dir/<entry>/<budget>/seed<seed>``; a run whose ``result.json`` exists for the same budget, seed, data and
 overrides is not run again (``--force`` reruns), so an interrupted benchmark resumes where it stopped.
 
-    python benchmarks/collection.py                      # everything, 20 minutes per entry (about 4 h on 2 cores)
-    python benchmarks/collection.py --minutes 8 --only unet,dnet,swinunetr
-    python benchmarks/collection.py --minutes 30 --epochs 50 --seeds 0,1,2 --seed_entries unet,ukan
-    python benchmarks/collection.py --eval_dataset_dir /data/MyHippocampusMSD --work_dir /tmp/other
+    python -m benchmarks.collection                      # everything, 20 minutes per entry (about 4 h on 2 cores)
+    python -m benchmarks.collection --minutes 8 --only unet,dnet,swinunetr
+    python -m benchmarks.collection --minutes 30 --epochs 50 --seeds 0,1,2 --seed_entries unet,ukan
+    python -m benchmarks.collection --eval_dataset_dir /data/MyHippocampusMSD --work_dir /tmp/other
 
 Arguments after ``--`` are passed to every run as config overrides (e.g. ``-- --num_workers 4``).
 """
@@ -56,10 +58,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean, median, stdev
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.train_budget import config_list, epoch_log, per_class, run_bundle
+from bundletools.bundles import default_task, short_names
 
-from train_budget import config_list, epoch_log, per_class, run_bundle  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 ISO, THICK = "Task04_Hippocampus", "Task04_Hippocampus_thick3mm"
 NNUNET_DIR = REPO / "benchmarks" / "nnunet"  # the nnU-Net side, run in nnU-Net's venv; also its nnUNet_extTrainer
@@ -88,18 +90,31 @@ class Entry:
     runner: str = "bundle"  # "bundle", or "nnunet": nnU-Net v2 in its own venv (benchmarks/nnunet/nnunet_entry.py)
 
 
+# the names the tables and plots have always shown; another bundle shows under its folder's name
+BUNDLE_NAMES = {"unet": "UNet (bundle)", "transunet": "TransUNet", "dnet": "D-Net", "ukan": "U-KAN",
+                "csam_thick": "CSAM U-Net (2.5D), thick"}
+
+
+def bundle_entries(data: str) -> list[Entry]:
+    """Every bundle whose default task is ``data`` (ISO, or THICK for the rest), with its defaults."""
+    entries = []
+    for bundle, short in short_names().items():
+        task = THICK if default_task(bundle) == THICK else ISO
+        if task == data:
+            key = short if task == ISO else f"{short}_thick"
+            entries.append(Entry(key, BUNDLE_NAMES.get(key, bundle), bundle, task))
+    return entries
+
+
 ENTRIES = [
-    Entry("unet", "UNet (bundle)", "unet_segmentation", ISO),
-    Entry("transunet", "TransUNet", "transunet_segmentation", ISO),
-    Entry("dnet", "D-Net", "dnet_segmentation", ISO),
-    Entry("ukan", "U-KAN", "ukan_segmentation", ISO),
+    *bundle_entries(ISO),
     Entry("dynunet", "DynUNet (MONAI)", "unet_segmentation", ISO, {"network_def": DYNUNET}),
     Entry("segresnet", "SegResNet (MONAI)", "unet_segmentation", ISO, {"network_def": SEGRESNET}),
     Entry("unetr", "UNETR (MONAI)", "unet_segmentation", ISO, {"network_def": UNETR}),
     # SwinUNETR needs patches divisible by 32: 64^3, the smallest that holds a whole hippocampus crop
     Entry("swinunetr", "SwinUNETR (MONAI)", "unet_segmentation", ISO,
           {"network_def": SWINUNETR, "roi_size": [64, 64, 64]}),
-    Entry("csam_thick", "CSAM U-Net (2.5D), thick", "csam_unet_segmentation", THICK),
+    *bundle_entries(THICK),
     Entry("unet_thick", "UNet (bundle), thick", "unet_segmentation", THICK),
     Entry("nnunet", "nnU-Net v2 (3d_fullres)", "unet_segmentation", ISO, runner="nnunet"),
     Entry("nnunet_thick", "nnU-Net v2 (3d_fullres), thick", "unet_segmentation", THICK, runner="nnunet"),
@@ -266,7 +281,7 @@ def run_nnunet(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace
     the bundles read and cache their data before theirs), its trainer stopped at the budget (or its poly schedule
     fitted to ``--epochs``, each epoch being nnU-Net's 250 iterations), its predictor on the scored images.
     """
-    from scoring import score_segmentations
+    from benchmarks.scoring import score_segmentations
 
     data = work.parents[1] / "nnunet_data"  # shared by the entry's budgets and seeds
     name = re.sub(r"[^A-Za-z0-9]", "", result["training_data"])  # nnU-Net's MSD converter splits names at "_"
@@ -597,7 +612,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.collection", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=None,
                         help="wall-clock training budget per network, for equal-time rows (20 when neither --minutes "
                              "nor --epochs is given)")
@@ -729,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{_fmt(result.get('hd95_mean_mm'), 2)} mm, {_fmt(result.get('infer_s_per_case'), 2)} s per "
                       f"case ({result['status']})", flush=True)
                 results.append(result)
-    command = "python benchmarks/collection.py " + " ".join(argv)
+    command = "python -m benchmarks.collection " + " ".join(argv)
     write_tables(results, out, info, command.strip())
     plots = write_plots(results, out)
     print((out / "results.md").read_text(encoding="utf-8"))

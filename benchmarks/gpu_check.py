@@ -2,14 +2,14 @@
 """
 One GPU check, one command: every training, speed and throughput figure of the bundles on a GPU, in one call.
 
-    python benchmarks/gpu_check.py --references .device/official        # on a GPU machine, under 8 minutes
-    python benchmarks/gpu_check.py --device cpu --quick                 # the smoke test (tests/test_gpu_check.py)
+    python -m benchmarks.gpu_check --references .device/official        # on a GPU machine, under 8 minutes
+    python -m benchmarks.gpu_check --device cpu --quick                 # the smoke test (tests/test_gpu_check.py)
 
 Each part runs in a child process of its own with a time limit, so a stall (D-Net under bfloat16 once did not
 finish a step in 150 s) costs that part only, and GPU memory is returned between parts; the parts run one after
-the other, so no two share the GPU while being timed. What is measured, per bundle, with its ``train.json`` as it
-is (the settings its device chooses) on its default data (``Task04_Hippocampus``; the thick-slice copy for the
-CSAM bundle):
+the other, so no two share the GPU while being timed. What is measured, per bundle (every bundle under
+``bundles/``), with its ``train.json`` as it is (the settings its device chooses) on its default task (the folder
+its ``dataset_dir`` defaults to: ``Task04_Hippocampus``; the thick-slice copy for the CSAM bundle):
 
 - ``epoch_s``: a training epoch, the iteration loop only (from the second epoch on: the first includes cuDNN's
   autotuning), and ``iterations``;
@@ -19,7 +19,8 @@ CSAM bundle):
 - ``validation_s`` (one validation) and ``epoch_end_s`` (the other epoch-end handlers, the checkpoint mostly);
   ``overhead_share``: what both add to an epoch at the bundle's ``val_interval``;
 - ``peak_memory_gb`` of the training and ``precision``; ``amp_over_fp32_step``: the float32 step's time over the
-  default precision's (1 or more: mixed precision is at least as fast).
+  default precision's (1 or more: mixed precision is at least as fast); for the UNet bundle also
+  ``deterministic_epoch_s``, the epoch with ``--deterministic True`` (what exact repeatability costs).
 
 Then: the UNet bundle's whole default run (training with validation, ``default_run_s``) and the Dice of its best
 checkpoint on the 42 validation cases in their original grid (``default_run_dice``); the paper networks against
@@ -47,27 +48,25 @@ import time
 from datetime import date
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-REPO = BENCHMARKS.parent
-sys.path.insert(0, str(REPO))
+from bundletools.bundles import bundle_names, default_task
 
-BUNDLES = ("unet_segmentation", "csam_unet_segmentation", "transunet_segmentation", "ukan_segmentation",
-           "dnet_segmentation")
-THICK = "Task04_Hippocampus_thick3mm"
-# the paper networks against the authors' code, at the input sizes of the issue's measurements
+REPO = Path(__file__).resolve().parents[1]
+# the paper networks against the authors' code, at the input sizes of the issue's measurements; the bundle whose
+# default run decides whether compiling pays back
 COMPARISONS = {
     "dnet": ("dnet-official", "DLK", [2, 1, 128, 128, 128], "dnet_segmentation"),
     "transunet": ("transunet-r50-vit-b16", "TransUNet", [2, 3, 224, 224], "transunet_segmentation"),
     "ukan": ("ukan-official", "U-KAN", [4, 3, 256, 256], "ukan_segmentation"),
 }
-# seconds each part may take before it is stopped and reported as such (the whole check fits in 8 minutes when the
-# bundles are GPU-bound; when they are not, the limits keep it under about 12)
-LIMITS = {"train": 75, "default_run": 150, "compare": 90, "dnet_bf16_probe": 30, "infer": 40}
+# seconds each part may take before it is stopped and reported as such; the whole check stops starting parts when
+# its --budget_s (8 minutes by default) would be passed, and gpu.csv and gpu.md are rewritten after every part, so
+# a call cut short by the device's 10-minute limit still returns what was measured
+LIMITS = {"train": 75, "default_run": 30, "compare": 90, "dnet_bf16_probe": 30, "infer": 45}
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 def _dataset(data: Path, bundle: str) -> Path:
-    return data / (THICK if bundle == "csam_unet_segmentation" else "Task04_Hippocampus")
+    return data / default_task(bundle)
 
 
 def _sync(device) -> None:
@@ -141,7 +140,14 @@ def part_train(bundle: str, args) -> dict:
             pass
         trainer = parser.get_parsed_content("train#trainer")
         evaluator = parser.get_parsed_content("validate#evaluator")
-        loops, walls, validations, marks = [], [], [], {}
+        loops, walls, validations, marks, steps = [], [], [], {}, []
+
+        def step_done(engine):  # a bundle too slow for the part's limit is stopped, and its epoch estimated
+            steps.append((engine.state.epoch, time.perf_counter()))
+            if steps[-1][1] - steps[0][1] > args.train_limit_s:
+                engine.terminate()
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, step_done)
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: marks.__setitem__("epoch", time.perf_counter()))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: (
             loops.append(e.state.times[Events.EPOCH_COMPLETED.name]),
@@ -152,11 +158,17 @@ def part_train(bundle: str, args) -> dict:
             torch.cuda.reset_peak_memory_stats(args.device)
         parser.get_parsed_content("run")  # as `python -m monai.bundle run` runs it
         peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if torch.cuda.is_available() else float("nan")
-        steady = slice(1, None) if len(loops) > 1 else slice(None)
-        epoch_s = statistics.median(loops[steady])
-        validation_s = statistics.median(validations[steady])
-        epoch_end_s = statistics.median([w - lo - v for w, lo, v in zip(walls, loops, validations)][steady])
         iterations = trainer.state.epoch_length
+        estimated = len(loops) < args.epochs
+        if estimated:  # stopped: the median step after the first ten (cuDNN's autotuning) times the iterations
+            times = [t for _, t in steps]
+            epoch_s = statistics.median([b - a for a, b in zip(times[10:], times[11:])] or [float("nan")]) * iterations
+        else:
+            epoch_s = statistics.median(loops[1:] if len(loops) > 1 else loops)
+        steady = slice(1, None) if len(validations) > 1 else slice(None)
+        validation_s = statistics.median(validations[steady]) if validations else float("nan")
+        ends = [w - lo - v for w, lo, v in zip(walls, loops, validations)][steady]
+        epoch_end_s = statistics.median(ends) if ends else float("nan")
 
         amp = parser.get_parsed_content("amp")
         amp_dtype = parser.get_parsed_content("amp_dtype") if amp else None
@@ -164,16 +176,36 @@ def part_train(bundle: str, args) -> dict:
         network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
         optimizer = parser.get_parsed_content("optimizer")
         batch = _one_batch(parser, args.device)
-        network_s = _step_seconds(network, loss, optimizer, batch, amp_dtype, memory_format, iterations, args.device)
-        fp32_s = _step_seconds(network, loss, optimizer, batch, None, memory_format, iterations, args.device)
+        timed = min(iterations, 20)  # steps timed; network_s is scaled to the epoch's iterations
+        network_s = _step_seconds(network, loss, optimizer, batch, amp_dtype, memory_format, timed, args.device)
+        fp32_s = _step_seconds(network, loss, optimizer, batch, None, memory_format, timed, args.device)
+        network_s *= iterations / timed
+        fp32_s *= iterations / timed
     return {
         "iterations": iterations, "default_epochs": _train_parser(bundle, args, Path(".")).get_parsed_content("epochs"),
-        "epoch_s": epoch_s, "network_s": network_s, "epoch_over_network": epoch_s / network_s,
+        "epoch_s": epoch_s, "epoch_s_estimated": float(estimated), "network_s": network_s,
+        "epoch_over_network": epoch_s / network_s,
         "validation_s": validation_s, "epoch_end_s": epoch_end_s,
         "overhead_share": (validation_s / default_interval + epoch_end_s) / epoch_s,
         "peak_memory_gb": peak, "precision": str(amp_dtype).replace("torch.", "") if amp else "float32",
         "amp_over_fp32_step": fp32_s / network_s,
     }
+
+
+def part_deterministic(bundle: str, args) -> dict:
+    """What ``--deterministic True`` costs: the training epoch with cuDNN's deterministic kernels and torch's
+    deterministic algorithms, against the default's (``epoch_s`` of the training part)."""
+    from ignite.engine import Events
+
+    with tempfile.TemporaryDirectory() as work:
+        parser = _train_parser(bundle, args, Path(work), epochs=args.epochs, val_interval=10**6, deterministic=True)
+        for _ in parser.get_parsed_content("initialize"):
+            pass
+        trainer = parser.get_parsed_content("train#trainer")
+        loops = []
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: loops.append(e.state.times["EPOCH_COMPLETED"]))
+        parser.get_parsed_content("run")
+    return {"deterministic_epoch_s": statistics.median(loops[1:] or loops)}
 
 
 def part_default_run(args) -> dict:
@@ -207,7 +239,7 @@ def part_default_run(args) -> dict:
 
 def part_compare(name: str, args) -> dict:
     """Ours against the authors' network: float32 both, and ours at the bundles' GPU settings (compiled too)."""
-    import speed
+    from benchmarks import speed
 
     config, folder, shape, _ = COMPARISONS[name]
     if args.quick:  # the smallest inputs each network takes
@@ -215,7 +247,7 @@ def part_compare(name: str, args) -> dict:
     options = argparse.Namespace(device=args.device, shape=shape, plain=False,
                                  bf16=False, gpu_default=True, compile=not args.quick)
     runners = speed.build_runners(config, options, reference=str(Path(args.references) / folder))
-    speed.take_turns(runners, 2 if args.quick else 5)
+    speed.take_turns(runners, 2 if args.quick else 3)
     fb = {runner.variant: statistics.median(runner.forward_backward) for runner in runners}
     official, ours, gpu_default = fb["official"], fb["ours"], fb["gpu-default"]
     result = {"official_fwd_bwd_s": official, "ours_fp32_fwd_bwd_s": ours, "ours_gpu_default_fwd_bwd_s": gpu_default,
@@ -237,12 +269,12 @@ def part_dnet_bf16_probe(args) -> dict:
     float32 rule (``networks.blocks.fast.half_precision_depthwise``): what the rule saves."""
     import torch
 
-    from networks import DNet
+    from benchmarks.speed import loss_of
+    from networks import create_network
     from networks.blocks.fast import half_precision_depthwise
-    from speed import loss_of
 
     shape = [1, 1, 32, 32, 32] if args.quick else [2, 1, 128, 128, 128]
-    net = DNet(3, 1, 3, per_branch_selection=False, shared_norm=True).to(args.device).train()
+    net = create_network("dnet_official").to(args.device).train()
     x = torch.randn(shape, device=args.device)
     times = {}
     for label, context in (("dnet_bf16_step_s", contextlib.nullcontext),
@@ -265,7 +297,7 @@ def part_infer(bundle: str, args) -> dict:
     import torch
     from monai.bundle import ConfigParser
 
-    from batch_inference import big_scan, validation_cases
+    from benchmarks.batch_inference import big_scan, validation_cases
 
     dataset = _dataset(Path(args.data), bundle)
     with tempfile.TemporaryDirectory() as work:
@@ -308,18 +340,18 @@ def part_infer(bundle: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------- orchestration
 def run_part(part: str, args, limit: float, default_run_steps: int = 0) -> dict:
     """Run one part in a child process; its result, or ``{"error": ...}`` when it failed or ran out of time."""
-    command = [sys.executable, __file__, "--part", part, "--device", args.device, "--data", args.data,
-               "--epochs", str(args.epochs), "--default_run_limit", str(args.default_run_limit),
-               "--default_run_steps", str(default_run_steps)]
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", part, "--device", args.device,
+               "--data", args.data, "--epochs", str(args.epochs), "--default_run_limit", str(args.default_run_limit),
+               "--default_run_steps", str(default_run_steps), "--train_limit_s", str(args.train_limit_s)]
     if args.references:
         command += ["--references", args.references]
     if args.quick:
         command.append("--quick")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     try:
+        # from the checkout's root, where `-m benchmarks.gpu_check` is found
         proc = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                              timeout=limit, env=env)
+                              timeout=limit, cwd=REPO)
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-2000:]
         return {"error": f"did not finish in {limit:.0f} s", "log": tail.decode() if isinstance(tail, bytes) else tail}
@@ -355,13 +387,14 @@ def write_outputs(rows: list[dict], env: dict, out: Path) -> None:
                "peak_memory_gb", "cases_per_min_task04", "large_scan_s"]
     values = {(r["bundle"], r["metric"]): r["value"] for r in rows}
     lines = [f"GPU check of {env['date']}: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN "
-             f"{env['cudnn']}, MONAI {env['monai']} (`python benchmarks/gpu_check.py`).", "",
+             f"{env['cudnn']}, MONAI {env['monai']} (`python -m benchmarks.gpu_check`).", "",
              "| bundle | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for bundle in BUNDLES:
+    bundles = bundle_names()
+    for bundle in bundles:
         cells = [_cell(values.get((bundle, m), "")) for m in metrics]
         lines.append(f"| {bundle} | " + " | ".join(cells) + " |")
     lines += ["", "| figure | value |", "|---|---|"]
-    shown = {(b, m) for b in BUNDLES for m in metrics}
+    shown = {(b, m) for b in bundles for m in metrics}
     for row in rows:
         if (row["bundle"], row["metric"]) not in shown:
             lines.append(f"| {row['bundle']} {row['metric']} | {_cell(row['value'])} |")
@@ -375,18 +408,24 @@ def _cell(value) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", default=os.environ.get("MONAI_DATA_DIRECTORY", str(REPO.parent / "shared" / "data")),
                         help="folder holding Task04_Hippocampus and Task04_Hippocampus_thick3mm")
     parser.add_argument("--references", help="folder with the authors' clones DLK, TransUNet and U-KAN")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark"), help="where gpu.csv and gpu.md go")
     parser.add_argument("--log_dir", help="a log per part (its stdout and stderr)")
-    parser.add_argument("--bundles", default=",".join(BUNDLES))
-    parser.add_argument("--skip", default="", help="parts to leave out: train,default_run,compare,probe,infer")
-    parser.add_argument("--epochs", type=int, default=3,
+    parser.add_argument("--bundles", default=None, help="comma-separated (default: every bundle under bundles/)")
+    parser.add_argument("--skip", default="",
+                        help="parts to leave out: train,deterministic,default_run,compare,probe,infer")
+    parser.add_argument("--train_limit_s", type=float, default=45.0,
+                        help="a bundle's training stops after this many seconds; its epoch is then estimated")
+    parser.add_argument("--budget_s", type=float, default=480.0,
+                        help="no part is started once this many seconds have passed (default: 8 minutes)")
+    parser.add_argument("--epochs", type=int, default=2,
                         help="training epochs per bundle (the first is a warm-up: cuDNN's autotuner)")
-    parser.add_argument("--default_run_limit", type=float, default=140.0,
+    parser.add_argument("--default_run_limit", type=float, default=120.0,
                         help="seconds after which the UNet default run stops (its Dice is then of fewer epochs)")
     parser.add_argument("--default_run_steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny epochs, inputs and data")
@@ -398,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.part:
         kind, _, name = args.part.partition(":")
-        functions = {"train": part_train, "infer": part_infer, "compare": part_compare}
+        functions = {"train": part_train, "infer": part_infer, "compare": part_compare,
+                     "deterministic": part_deterministic}
         if kind in functions:
             result = functions[kind](name, args)
         else:
@@ -410,25 +450,33 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args.device)
     print(json.dumps(env), flush=True)
     skip = set(filter(None, args.skip.split(",")))
-    bundles = [b for b in args.bundles.split(",") if b]
+    bundles = [b for b in args.bundles.split(",") if b] if args.bundles else bundle_names()
     parts: list[tuple[str, str, float]] = []
     if "train" not in skip:
         parts += [(bundle, f"train:{bundle}", LIMITS["train"]) for bundle in bundles]
+    if "deterministic" not in skip:
+        parts.append(("unet_segmentation", "deterministic:unet_segmentation", LIMITS["train"]))
     if "default_run" not in skip:
         parts.append(("unet_segmentation", "default_run", LIMITS["default_run"] + args.default_run_limit))
-    if "compare" not in skip and args.references:
-        parts += [(name, f"compare:{name}", LIMITS["compare"]) for name in COMPARISONS]
     if "probe" not in skip:
         parts.append(("dnet", "dnet_bf16_probe", LIMITS["dnet_bf16_probe"]))
+    if "compare" not in skip and args.references:
+        parts += [(name, f"compare:{name}", LIMITS["compare"]) for name in COMPARISONS]
     if "infer" not in skip:
         parts += [(bundle, f"infer:{bundle}", LIMITS["infer"]) for bundle in bundles]
     rows: list[dict] = []
+    start = time.perf_counter()
     for owner, part, limit in parts:
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < 20:
+            rows.append({"bundle": owner, "metric": f"{part.split(':')[0]}_error",
+                         "value": f"not run: the check's budget of {args.budget_s:.0f} s was used up"})
+            continue
         # a comparison judges compiling by the steps of its bundle's default run (from the training part)
         bundle = COMPARISONS[owner][3] if part.startswith("compare:") else owner
         got = {r["metric"]: r["value"] for r in rows if r["bundle"] == bundle}
         steps = int(got.get("iterations", 0) * got.get("default_epochs", 0))
-        result = run_part(part, args, limit * (10 if args.quick else 1), steps)
+        result = run_part(part, args, limit * 10 if args.quick else min(limit, left), steps)
         if "error" in result:
             rows.append({"bundle": owner, "metric": f"{part.split(':')[0]}_error", "value": result["error"]})
             print(json.dumps({"bundle": owner, "part": part, **result}), flush=True)
@@ -436,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         for metric, value in result.items():
             rows.append({"bundle": owner, "metric": metric, "value": value})
             print(json.dumps({"bundle": owner, "metric": metric, "value": value}), flush=True)
+        write_outputs(rows, env, Path(args.out))
     write_outputs(rows, env, Path(args.out))
     print(f"wrote {Path(args.out) / 'gpu.csv'} and {Path(args.out) / 'gpu.md'}", file=sys.stderr)
 

@@ -8,9 +8,9 @@ inference.json ...``, in a fresh process. Prints that process's peak resident me
 time and the output's shape. ``--num_workers 0`` (the default here) keeps reading and preprocessing in the
 measured process; with workers, each worker is a process of its own and holds the next scan.
 
-    python benchmarks/large_volume_memory.py                                  # unet_segmentation, 512x512x400
-    python benchmarks/large_volume_memory.py --bundle dnet_segmentation --shape 256 256 200
-    python benchmarks/large_volume_memory.py --spacing 0.7 0.7 1.25 -- --sw_batch_size 8   # overrides after --
+    python -m benchmarks.large_volume_memory                                  # unet_segmentation, 512x512x400
+    python -m benchmarks.large_volume_memory --bundle dnet_segmentation --shape 256 256 200
+    python -m benchmarks.large_volume_memory --spacing 0.7 0.7 1.25 -- --sw_batch_size 8   # overrides after --
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def _pairs(extra: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.large_volume_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="unet_segmentation")
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 400])
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="voxel size in mm")

@@ -2,9 +2,9 @@
 """
 Recipe search on one GPU: a batch of candidate recipes trained at once, each scored as the bundles score a model.
 
-    python benchmarks/recipe_search.py                          # the 'first' group of candidates, on the GPU
-    python benchmarks/recipe_search.py --only unet-poly,dnet-poly --minutes 6
-    python benchmarks/recipe_search.py --device cpu --quick     # the smoke test: 2 candidates, tiny budgets
+    python -m benchmarks.recipe_search                          # the 'first' group of candidates, on the GPU
+    python -m benchmarks.recipe_search --only unet-poly,dnet-poly --minutes 6
+    python -m benchmarks.recipe_search --device cpu --quick     # the smoke test: 2 candidates, tiny budgets
 
 Candidates are data (``benchmarks/recipe_candidates.json``, ``--candidates``): each training candidate is a bundle
 and named config overrides, applied at run time with MONAI's ``ConfigParser`` to the bundle's ``train.json`` (and to
@@ -29,7 +29,7 @@ from the whole CSV, newest search first. Ranking recipes on the validation split
 with new seeds (``benchmarks/collection.py --seeds``) before calling its figure a result.
 
 On the lent GPU machine (no registry, no ITK): ``bash ../shared/tools/device-prep.sh Task04_Hippocampus`` here,
-then there ``source .device/env.sh && python benchmarks/recipe_search.py --out $OUT``.
+then there ``source .device/env.sh && python -m benchmarks.recipe_search --out $OUT``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-sys.path.insert(0, str(BENCHMARKS))
 
 CANDIDATES = BENCHMARKS / "recipe_candidates.json"
 FIELDS = ["date", "device", "parallel", "candidate", "bundle", "about", "recipe", "seed", "budget_min", "train_s",
@@ -116,7 +115,7 @@ def train_and_score(candidate: dict, seed: int, args) -> list[dict]:
     import torch
     from ignite.engine import Events
 
-    from train_budget import per_class
+    from benchmarks.train_budget import per_class
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir) / candidate["name"] / f"seed{seed}"
@@ -187,7 +186,7 @@ def score_derived(derived: dict, sources: list[dict], labels: dict[str, str], fo
     import numpy as np
     from monai.transforms import LoadImage
 
-    from scoring import score_segmentations
+    from benchmarks.scoring import score_segmentations
 
     load = LoadImage(image_only=True, ensure_channel_first=True)
     per_source = [_case_probabilities(s["probabilities"]) for s in sources]
@@ -251,12 +250,13 @@ def run_search(args, spec: dict, chosen: list[dict]) -> list[dict]:
             candidate, seed = waiting.pop(0)
             out = Path(args.work_dir) / candidate["name"] / f"seed{seed}"
             out.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, __file__, "--child", candidate["name"], "--seed", str(seed), "--threads",
+            command = [sys.executable, "-m", "benchmarks.recipe_search", "--child", candidate["name"], "--seed", str(seed), "--threads",
                        str(threads), *_shared_args(args)]
             log = open(out / "child.log", "w", encoding="utf-8")
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                        OMP_NUM_THREADS=str(threads))
-            running.append((candidate, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+            running.append((candidate, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                              cwd=REPO),
                             log, out))
             print(f"started {candidate['name']} seed {seed} ({threads} threads)", flush=True)
         time.sleep(2)
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{trainings} trainings on {device}, {args.parallel} at once, {args.minutes:g} min each; work in "
           f"{args.work_dir}", flush=True)
     rows = run_search(args, spec, chosen)
-    write_outputs(rows, by_name, args, device, "python benchmarks/recipe_search.py " + " ".join(argv))
+    write_outputs(rows, by_name, args, device, "python -m benchmarks.recipe_search " + " ".join(argv))
     print(f"wrote {Path(args.out) / 'recipe_search.csv'} and {Path(args.out) / 'recipe_search.md'}", flush=True)
 
 

@@ -3,23 +3,27 @@
 Speed of the collection's networks on the CPU or a GPU: against the authors' own code, alone, per layer, and in
 FLOPs.
 
-Networks are named configurations (``list`` shows them): each names a network, its arguments and an input, so a
-figure in a card is one command. ``NAME:key=value,...`` overrides constructor arguments (values as JSON, e.g.
+Networks are named configurations (``list`` shows them), found rather than listed: every configuration the
+networks register (``networks.list_networks()``, ``dnet_official`` as ``dnet-official``, with the input it
+registers), and every bundle's ``network_def`` on one of its training batches (``<short name>-bundle``: the
+first word of the bundle's name, ``dnet-bundle``, ``csam-bundle``). So a figure in a card is one command.
+``NAME:key=value,...`` overrides constructor arguments (values as JSON, e.g.
 ``dnet-official:use_checkpointing=true``).
 
-    python benchmarks/speed.py list
+    python -m benchmarks.speed list
     # ours against the authors' code from a local clone (nothing of it is copied here); interleaved, medians
-    python benchmarks/speed.py compare dnet-official --reference /path/to/DLK
-    python benchmarks/speed.py compare transunet-r50-vit-b16 --reference /path/to/TransUNet
-    python benchmarks/speed.py compare ukan-official --reference /path/to/U-KAN
+    python -m benchmarks.speed compare dnet-official --reference /path/to/DLK
+    python -m benchmarks.speed compare transunet-r50-vit-b16 --reference /path/to/TransUNet
+    python -m benchmarks.speed compare ukan-official --reference /path/to/U-KAN
     # on a GPU, also ours as the bundles train there (bf16 autocast, channels-last input) and compiled
-    python benchmarks/speed.py compare dnet-official --reference /path/to/DLK --device cuda --gpu-default --compile
+    python -m benchmarks.speed compare dnet-official --reference /path/to/DLK --device cuda --gpu-default --compile
     # ours alone, several configurations taking turns; --memory adds peak memory, each in a fresh process
-    python benchmarks/speed.py time dnet-paper dnet-paper:use_checkpointing=true --memory
-    python benchmarks/speed.py time ukan-bundle ukan-bundle:use_kan=false ukan-bundle:token_shift=true
-    python benchmarks/speed.py kan-layers                      # KANLinear against nn.Linear at U-KAN's shapes
-    python benchmarks/speed.py flops ukan-bundle ukan-bundle:use_kan=false --shape 1,1,96,96,96
-    python benchmarks/speed.py arms ukan --epochs 3 -- --num_workers 2   # U-KAN's KAN/MLP training arms
+    python -m benchmarks.speed time dnet-paper dnet-paper:use_checkpointing=true --memory
+    python -m benchmarks.speed time ukan-bundle ukan-bundle:use_kan=false ukan-bundle:token_shift=true
+    python -m benchmarks.speed kan-layers                      # KANLinear against nn.Linear at U-KAN's shapes
+    python -m benchmarks.speed flops ukan-bundle ukan-bundle:use_kan=false --shape 1,1,96,96,96
+
+Training arms (U-KAN's KAN against MLP, CSAM's ablation) are ``python -m benchmarks.ablation``.
 
 Timing (``compare``, ``time``): every network runs in training mode; a "forward" is one call under
 ``torch.no_grad()``, a "forward+backward" a call and ``backward()`` of the sum of the outputs' means (every
@@ -52,13 +56,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BENCHMARKS = Path(__file__).resolve().parent
-REPO = BENCHMARKS.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.reference import official_dnet, official_transunet, official_ukan
+from bundletools.bundles import bundle_dir, short_names
+from networks import KANLinear, create_network, list_networks, network_entry
+from networks.blocks.fast import plain_ops
 
-from benchmarks.reference import official_dnet, official_transunet, official_ukan  # noqa: E402
-from networks import UKAN, DNet, KANLinear, TransUNet  # noqa: E402
-from networks.blocks.fast import plain_ops  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -76,7 +79,7 @@ def _bundle_config(bundle: str):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(REPO / "bundles" / bundle / "configs" / "train.json")
+    parser.read_config(bundle_dir(bundle) / "configs" / "train.json")
     return parser
 
 
@@ -95,54 +98,35 @@ def _bundle_batch(bundle: str) -> list[int]:
     return [batch, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("roi_size")]
 
 
-OFFICIAL_DNET = {"per_branch_selection": False, "shared_norm": True}
-CONFIGS: dict[str, Config] = {
-    "dnet-official": Config(
-        "D-Net as the official code builds it (widths 48-768, shared norm, both-branch selection), 1 in, 3 classes",
-        lambda **kw: DNet(3, 1, 3, **{**OFFICIAL_DNET, **kw}),
-        lambda: [1, 1, 64, 64, 64],
-        lambda path: official_dnet(path, 1, 3),
-        "sotiraslab/DLK",
-    ),
-    "dnet-paper": Config(
-        "D-Net with the paper's defaults (per-branch selection, a norm per sub-block), 1 in, 16 classes",
-        lambda **kw: DNet(3, 1, 16, **kw),
-        lambda: [1, 1, 64, 64, 64],
-    ),
-    "transunet-r50-vit-b16": Config(
-        "TransUNet R50-ViT-B/16 as the official train.py builds it, 224x224, 9 classes (Synapse)",
-        lambda **kw: TransUNet(3, 9, **kw),
-        lambda: [2, 3, 224, 224],
-        lambda path: official_transunet(path, 9),
-        "Beckschen/TransUNet",
-    ),
-    "ukan-official": Config(
-        "U-KAN as the official train.py builds it (embed_dims 128-160-256), 2D, 3 in, 1 class",
-        lambda **kw: UKAN(2, 3, 1, **kw),
-        lambda: [4, 3, 256, 256],
-        lambda path: official_ukan(path, 1),
-        "CUHK-AIM-Group/U-KAN",
-    ),
+# the authors' network for a registered configuration, from a local clone of their repository
+REFERENCES: dict[str, tuple[Callable[[str], nn.Module], str]] = {
+    "dnet_official": (lambda path: official_dnet(path, 1, 3), "sotiraslab/DLK"),
+    "transunet_r50_vit_b16": (lambda path: official_transunet(path, 9), "Beckschen/TransUNet"),
+    "ukan_official": (lambda path: official_ukan(path, 1), "CUHK-AIM-Group/U-KAN"),
 }
-for _name, _bundle in [
-    ("dnet-bundle", "dnet_segmentation"),
-    ("transunet-bundle", "transunet_segmentation"),
-    ("ukan-bundle", "ukan_segmentation"),
-    ("csam-bundle", "csam_unet_segmentation"),
-    ("unet-bundle", "unet_segmentation"),
-]:
-    CONFIGS[_name] = Config(
-        f"the {_bundle} bundle's network_def on one of its training batches",
-        lambda _b=_bundle, **kw: _bundle_network(_b, **kw),
-        lambda _b=_bundle: _bundle_batch(_b),
-    )
+
+
+def configurations() -> dict[str, Config]:
+    """Every named configuration: the networks' registered ones, then each bundle's ``network_def``."""
+    configs = {}
+    for name in list_networks():
+        entry = network_entry(name)
+        reference, repo = REFERENCES.get(name, (None, ""))
+        configs[name.replace("_", "-")] = Config(entry.description, partial(create_network, name),
+                                                 partial(list, entry.input_shape), reference, repo)
+    for bundle, short in short_names().items():
+        configs[f"{short.replace('_', '-')}-bundle"] = Config(
+            f"the {bundle} bundle's network_def on one of its training batches",
+            partial(_bundle_network, bundle), partial(_bundle_batch, bundle))
+    return configs
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
     """``name[:key=value,...]`` -> (name, overrides); values are JSON (true, 3, [1, 2]) or else strings."""
     name, _, rest = spec.partition(":")
-    if name not in CONFIGS:
-        sys.exit(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    known = configurations()
+    if name not in known:
+        sys.exit(f"unknown configuration {name!r}; known: {', '.join(known)}")
     overrides = {}
     for item in filter(None, rest.split(",")) if rest else []:
         key, sep, value = item.partition("=")
@@ -218,7 +202,7 @@ def take_turns(runners: Sequence[Runner], rounds: int) -> None:
 def build_runners(spec: str, args, reference: str | None = None) -> list[Runner]:
     """Ours for ``spec`` (and the authors' network from ``reference``, first), on one random input."""
     name, overrides = parse_spec(spec)
-    config = CONFIGS[name]
+    config = configurations()[name]
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.shape or config.shape(), device=device)
@@ -315,7 +299,7 @@ def _rss_mb() -> float:
 def memory_child(spec: str, shape: list[int] | None, reference: str | None) -> dict:
     """Peak resident memory of one forward+backward of ours (or of the authors' network), in this fresh process."""
     name, overrides = parse_spec(spec)
-    config = CONFIGS[name]
+    config = configurations()[name]
     net = (config.reference(reference) if reference else config.build(**overrides)).train()
     x = torch.randn(shape or config.shape())
     base = _rss_mb()
@@ -343,12 +327,12 @@ def print_memory(rows: list[tuple[str, str, str | None]], args) -> None:
     print(f"| {'network':<48} | {'peak RSS MB':>11} | {'activations MB':>14} |")
     print(f"|{'-' * 50}|{'-' * 13}|{'-' * 16}|")
     for label, spec, reference in rows:
-        command = [sys.executable, __file__, "memory-child", spec, "--threads", str(args.threads)]
+        command = [sys.executable, "-m", "benchmarks.speed", "memory-child", spec, "--threads", str(args.threads)]
         if args.shape:
             command += ["--shape", ",".join(map(str, args.shape))]
         if reference:
             command += ["--reference", reference]
-        out = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace")
+        out = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO)
         if out.returncode != 0:
             sys.exit(f"{label}: the memory measurement failed\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -391,7 +375,7 @@ def cmd_flops(args) -> None:
     print(f"|{'-' * 50}|{'-' * 20}|{'-' * 14}|{'-' * 13}|{'-' * 10}|")
     for spec in args.configs:
         name, overrides = parse_spec(spec)
-        config = CONFIGS[name]
+        config = configurations()[name]
         net = config.build(**overrides).eval()
         shape = args.shape or config.shape()
         kan = sum(p.numel() for n, p in net.named_parameters() if "kan" in n)
@@ -402,32 +386,9 @@ def cmd_flops(args) -> None:
               f"{counter.get_total_flops() / 1e9:>8.2f} |")
 
 
-ARMS = {
-    "ukan": (
-        "ukan_segmentation",
-        {
-            "KAN, kan_learning_rate 1e-2 (default)": [],
-            "MLP (use_kan False), 1e-3": ["--use_kan", "False"],
-            "KAN, kan_learning_rate 1e-3 (control)": ["--kan_learning_rate", "1e-3"],
-        },
-    ),
-}
-
-
-def cmd_arms(args) -> None:
-    bundle, arms = ARMS[args.arms]
-    budget = ["--minutes", str(args.minutes)] if args.minutes else ["--epochs", str(args.epochs)]
-    print(f"## {bundle} trained on its default task, budget {' '.join(budget)} per arm", flush=True)
-    for name, extra in arms.items():
-        # options before the bundle name: argparse takes the overrides after "--" only when they follow it
-        out = subprocess.run([sys.executable, str(BENCHMARKS / "train_budget.py"), *budget, bundle, "--",
-                              *args.overrides, *extra], capture_output=True, text=True, encoding="utf-8",
-                             errors="replace")
-        print(f"\n### {name}\n" + (out.stdout.strip() or out.stderr[-3000:]), flush=True)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -454,25 +415,19 @@ def main() -> None:
     sub.add_parser("kan-layers", parents=[common], help="KANLinear against nn.Linear")
     p = sub.add_parser("flops", parents=[common], help="parameters and GFLOPs")
     p.add_argument("configs", nargs="+")
-    p = sub.add_parser("arms", help="fixed-budget training arms (benchmarks/train_budget.py)")
-    p.add_argument("arms", choices=sorted(ARMS))
-    p.add_argument("--minutes", type=float, default=0)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("overrides", nargs="*", help="config overrides for every arm, after --")
     args = parser.parse_args()
     if hasattr(args, "threads"):
         torch.set_num_threads(args.threads)
     # cuDNN's autotuner for every network alike (the bundles train with it; a fixed choice would favour none)
     torch.backends.cudnn.benchmark = True
     if args.command == "list":
-        for name, config in CONFIGS.items():
+        for name, config in configurations().items():
             ref = f" [reference: {config.reference_repo}]" if config.reference else ""
             print(f"{name:<24} {config.description}{ref}")
     elif args.command == "memory-child":
         print(json.dumps(memory_child(args.spec, args.shape, args.reference)))
     else:
-        {"compare": cmd_compare, "time": cmd_time, "kan-layers": cmd_kan_layers, "flops": cmd_flops,
-         "arms": cmd_arms}[args.command](args)
+        {"compare": cmd_compare, "time": cmd_time, "kan-layers": cmd_kan_layers, "flops": cmd_flops}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,20 @@ Label without ``PYTHONPATH``.
 
 Importing it installs :func:`bundletools.errors.excepthook`: a user error (a missing folder, a bad dataset.json)
 that ends ``python -m monai.bundle run`` is printed as one line instead of MONAI's long traceback.
+
+The names below and the submodules (``bundletools.handlers``, ``bundletools.training``, ...) are imported when
+first used, so what needs neither torch nor MONAI (the bundle list, ``bundletools.bundles``; the command lines'
+``--help``) starts at once.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
-from .batch import BatchInference
-from .data import DatasetError, inference_datalist, scoring_split, training_split
-from . import inferers, training
 from .errors import install_excepthook
-from .handlers import ResumableCheckpoint
-from .metrics import HausdorffDistanceMM
 
 __all__ = [
     "REPO_ROOT",
@@ -40,6 +41,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 install_excepthook()
 
+# name -> the submodule that defines it
+_DEFINED_IN = {"BatchInference": "batch", "DatasetError": "data", "inference_datalist": "data",
+               "training_split": "data", "scoring_split": "data", "ResumableCheckpoint": "handlers",
+               "HausdorffDistanceMM": "metrics"}
+
+
+def __getattr__(name: str):
+    """``bundletools.<name>`` of a name in ``__all__`` or of a submodule, imported on first use."""
+    if name in _DEFINED_IN:
+        return getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _in_checkout() -> bool:
     """Whether the package runs from a checkout of this repository (an editable install), not from site-packages."""
@@ -53,8 +68,15 @@ def bundle_root() -> str:
     (``python -m monai.bundle run ... --config_file <bundle>/configs/train.json``, also under ``torchrun``, or a
     ``ConfigWorkflow``), the same folder MONAI itself puts on ``sys.path`` for a bundle's ``scripts``. So a bundle
     folder copied anywhere keeps its ``models/``, ``eval/`` and ``segmentations/`` in the copy. MONAI Label sets
-    ``bundle_root`` itself. Configs cannot see their own file, hence the look at the running workflow; outside
-    one (a bare ``ConfigParser``), set ``bundle_root``.
+    ``bundle_root`` itself; outside a workflow (a bare ``ConfigParser``), set ``bundle_root``.
+
+    This is the one place the bundles look into the running process, because a config cannot see its own file:
+    MONAI's ``ConfigWorkflow`` (1.5 and 1.6) keeps the folder of its first config file (``config_root_path``) to
+    itself, reads the files' contents without their paths and ``metadata.json`` as content (``_meta_``), and puts
+    the bundle folder on ``sys.path`` only in ``run()``, after ``bundle_root`` may have been read (MONAI's
+    ``bundle_root`` property, ``check_properties``). So the workflow is looked for on the call stack, where it is
+    evaluating this expression. Everything else (the runner's config files, metadata, settings) the config hands
+    over explicitly.
     """
     import inspect
 
@@ -72,12 +94,11 @@ def bundle_root() -> str:
 
 
 def bundle_path(name: str) -> str:
-    """Folder of the bundle ``name`` in this checkout (``python -m bundletools.infer <name>`` looks bundles up by
-    name here; the configs default to :func:`bundle_root` instead)."""
-    path = REPO_ROOT / "bundles" / name
-    if not (path / "configs").is_dir():
-        raise FileNotFoundError(f"bundle {name!r} not found at {path}; pass the folder of the bundle instead")
-    return str(path)
+    """Folder of the bundle ``name`` in this checkout (:func:`bundletools.bundles.bundle_dir`; the configs default to
+    :func:`bundle_root` instead)."""
+    from .bundles import bundle_dir
+
+    return str(bundle_dir(name))
 
 
 def default_dataset_dir(task: str) -> str:

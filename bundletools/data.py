@@ -539,7 +539,9 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
     """
     if duplicates not in ("raise", "fail"):
         raise ValueError(f"duplicates must be 'raise' or 'fail', got {duplicates!r}")
-    root = _existing_dir(dataset_dir)
+    # absolute: ITK changes the working directory while it loads a module, and the runner's threads read and
+    # write meanwhile, so a relative path could name another file
+    root = Path(os.path.abspath(_existing_dir(dataset_dir)))
     found = _Discovery(root)
     if (root / "dataset.json").is_file():  # MSD: the images of imagesTr/ and imagesTs/
         for entry in sorted(os.scandir(root), key=lambda e: e.name):

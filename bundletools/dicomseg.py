@@ -17,6 +17,7 @@ with its RAS affine) into a SEG instance that
   from the DICOM geometry (position, orientation, spacing) and the label volume's affine, never resampled. A label
   volume on any other grid is an error.
 
+:class:`DicomSegWriter` is the batch runner's writer of them (``"writer": "dicom_seg"`` in a config's ``outputs``).
 highdicom is an install extra (``pip install 'monai-segmentation-bundles[dicom]'``).
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from .images import DicomPlane, dicom_planes
+from .outputs import BatchError
+from .report import printable
+from .writers import RunContext, Writer
 
-__all__ = ["AlgorithmInfo", "SEGMENT_CODES", "build_segmentation", "file_sha256", "is_dicom_series",
+__all__ = ["AlgorithmInfo", "DicomSegWriter", "SEGMENT_CODES", "build_segmentation", "file_sha256", "is_dicom_series",
            "labels_on_source_frames", "read_series", "segment_names", "segmentation_writer", "write_segmentation"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -294,9 +298,9 @@ def write_segmentation(segmentation, path: str | os.PathLike) -> None:
     segmentation.save_as(str(path), enforce_file_format=True)  # preamble and file meta: a part-10 file
 
 
-def is_dicom_series(source: str | os.PathLike | None) -> bool:
+def is_dicom_series(source: Any) -> bool:
     """Whether an input of the batch runner is a DICOM series (a folder; files are other formats)."""
-    return source is not None and Path(source).is_dir()
+    return isinstance(source, (str, os.PathLike)) and Path(source).is_dir()
 
 
 def segmentation_writer(labels: Any, names: Mapping[int, str], algorithm: AlgorithmInfo,
@@ -332,3 +336,45 @@ def segmentation_writer(labels: Any, names: Mapping[int, str], algorithm: Algori
         write_segmentation(build_segmentation(read_series(source), array, affine, names, algorithm, **kwargs), path)
 
     return write
+
+
+class DicomSegWriter(Writer):
+    """``<case>_seg.dcm``: the DICOM SEG of the labels ``case[key]``, for each case read from a DICOM series.
+
+    The segment names come from the bundle's metadata (``network_data_format.outputs.pred.channel_def``) and the
+    algorithm's identification from its name and version and the model's SHA-256. The SEG is optional: whatever
+    goes wrong while it is made (a source without StudyInstanceUID, say) fails only the SEG, and the case keeps its
+    other outputs (status ``partial``).
+
+    Args:
+        key: the labels on the input's grid (the segmentation), channel first.
+    """
+
+    ext = ".dcm"
+    optional = True
+    title = "the DICOM SEG"
+
+    def __init__(self, key: str = "pred") -> None:
+        super().__init__(key)
+        self.names: dict[int, str] = {}
+        self.algorithm: AlgorithmInfo | None = None
+
+    def applies(self, source: Any) -> bool:
+        return is_dicom_series(source)
+
+    def prepare(self, run: RunContext) -> None:
+        from importlib.util import find_spec
+
+        if find_spec("highdicom") is None:
+            raise BatchError("dicom_seg needs highdicom: pip install 'monai-segmentation-bundles[dicom]'")
+        try:
+            self.names = segment_names(run.metadata)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BatchError(f"dicom_seg needs the segment names of the bundle's configs/metadata.json "
+                             f"({printable(e)}); run the config with its metadata.json (python -m monai.bundle run "
+                             "reads the one next to the config file, --meta_file another)") from e
+        self.algorithm = AlgorithmInfo(str(run.metadata.get("name", "")), str(run.metadata.get("version", "")),
+                                       run.model_sha256)
+
+    def write(self, case: Mapping, source: Any) -> Callable[[Path], None]:
+        return segmentation_writer(self.value(case), self.names, self.algorithm, source=source)

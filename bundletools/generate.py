@@ -10,7 +10,8 @@ is different about one bundle, in four kinds of entries:
   ``roi_size``, ...); a key the template lacks goes just before ``network_def``.
 - ``train``, ``evaluate``, ``inference``, ``multi_gpu_train``: config ids to set, written the MONAI way
   (``"epochs"``, ``"validate#inferer#roi_size"``) and applied with MONAI's own :class:`ConfigParser`. A nested id
-  must exist in the template, or be a new argument of a component (a typo is an error); ids never address a list item by position
+  must exist in the template, or be a new argument of a component or a new entry of ``outputs`` (a bundle's own
+  output, ``"outputs#uncertainty"``); a typo is an error. Ids never address a list item by position
   (``"preprocessing#transforms#5"`` is refused): lists grow through extension points.
 - ``extend``: per config file, the items of its named extension points. A template list holds a point as the item
   ``{"_extension_": "<name>"}``; the generator replaces it with the spec's items, or with nothing. The points are
@@ -23,7 +24,8 @@ is different about one bundle, in four kinds of entries:
 Every generated JSON file starts with a ``_generated_`` key saying where it comes from (MONAI, MONAI Label and
 ``monai.bundle`` ignore a key that no workflow refers to); ``logging.conf`` starts with a comment.
 
-``python -m bundletools.generate`` rewrites every bundle's ``configs/``; ``--check`` only compares and prints a
+``bundletools-generate`` (or ``python -m bundletools.generate``) rewrites the ``configs/`` of every bundle (every
+folder of ``bundles/`` with a ``spec.json``, :mod:`bundletools.bundles`); ``--check`` only compares and prints a
 unified diff of every out-of-date file (a test runs it, so a template or spec edit without regeneration fails).
 """
 
@@ -40,16 +42,18 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle.utils import ID_SEP_KEY
 
+from .bundles import bundle_names, bundles_dir
+
 __all__ = ["render_bundle", "generate", "main", "EXTENSION_POINTS", "GENERATED_KEY"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 CONFIG_FILES = ("train", "evaluate", "inference", "multi_gpu_train")
 _COMMON_INTO = ("train", "inference")
 _PLACEHOLDER_NAME = "BUNDLE_NAME"
 _LEGACY_SEP = "#"
 _EXTENSION_KEY = "_extension_"
 GENERATED_KEY = "_generated_"
+_OPEN_MAPPINGS = ("outputs",)  # mappings a spec may add entries to, besides a component's arguments
 
 # extension point -> where it sits; a spec may fill only these (checked against the templates by a test)
 EXTENSION_POINTS = {
@@ -141,8 +145,10 @@ def _set_ids(config: dict, overrides: dict[str, Any], where: str) -> dict:
             container = parser[parent]
         except (KeyError, IndexError, ValueError) as e:
             raise KeyError(f"{where}: {config_id!r} does not exist in the template (no {parent!r})") from e
-        # a new key only as an argument of a component (a misspelt one fails when it is instantiated)
-        if not isinstance(container, dict) or (last not in container and "_target_" not in container):
+        # a new key only as an argument of a component (a misspelt one fails when it is instantiated) or an entry of
+        # an open mapping
+        if not isinstance(container, dict) or (last not in container and "_target_" not in container
+                                               and parent not in _OPEN_MAPPINGS):
             raise KeyError(f"{where}: {config_id!r} does not exist in the template; new keys go at the top level")
         parser[config_id] = copy.deepcopy(value)
     return parser.get()
@@ -217,13 +223,15 @@ def render_bundle(bundle_dir: Path) -> dict[str, str]:
     return files
 
 
-def generate(bundles_dir: Path = BUNDLES, check: bool = False) -> list[tuple[Path, str]]:
-    """Write (or with ``check``, only compare) the generated files; returns ``(path, unified diff)`` of every file
-    that was out of date (the diff from the file on disk to the generated text)."""
+def generate(root: Path | None = None, check: bool = False) -> list[tuple[Path, str]]:
+    """Write (or with ``check``, only compare) the generated files of every bundle in ``root`` (default: this
+    checkout's ``bundles/``); returns ``(path, unified diff)`` of every file that was out of date (the diff from the
+    file on disk to the generated text)."""
+    root = Path(root) if root is not None else bundles_dir()
     stale = []
-    for spec in sorted(bundles_dir.glob("*/spec.json")):
-        for rel, text in render_bundle(spec.parent).items():
-            path = spec.parent / rel
+    for name in bundle_names(root):
+        for rel, text in render_bundle(root / name).items():
+            path = root / name / rel
             old = path.read_text() if path.is_file() else ""
             if old == text:
                 continue
@@ -237,11 +245,17 @@ def generate(bundles_dir: Path = BUNDLES, check: bool = False) -> list[tuple[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="bundletools-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
                         help="only compare: print a diff of every out-of-date file (exit 1 if any)")
+    parser.add_argument("--bundles_dir", type=Path, default=None,
+                        help="the folder of the bundles (default: bundles/ of this checkout)")
     args = parser.parse_args(argv)
-    stale = generate(check=args.check)
+    root = args.bundles_dir or bundles_dir()
+    if not bundle_names(root):
+        parser.error(f"no bundles (folders with a spec.json) in {root}; pass --bundles_dir")
+    stale = generate(root, check=args.check)
     for path, diff in stale:
         if args.check:
             print(f"out of date: {path}")
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"wrote: {path}")
     if args.check and stale:
-        print(f"{len(stale)} file(s) out of date: run `python -m bundletools.generate`")
+        print(f"{len(stale)} file(s) out of date: run `bundletools-generate` (or `python -m bundletools.generate`)")
     return 1 if (args.check and stale) else 0
 
 

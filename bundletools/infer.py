@@ -69,12 +69,10 @@ def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False,
     """
     from monai.bundle import run
 
-    from . import batch
-
     root = _bundle_folder(bundle)
     configs = root / "configs"
     overrides.setdefault("bundle_root", str(root))
-    batch.RUN_CONFIG_FILES[:] = [str(configs / "inference.json")]  # recorded in the report
+    overrides.setdefault("config_files", [str(configs / "inference.json")])  # recorded in the report
     run(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), dataset_dir=str(input_dir), output_dir=str(output_dir),
         overwrite=overwrite, qc=qc, **overrides)

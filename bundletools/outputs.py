@@ -187,7 +187,9 @@ class OutputFolder:
     """
 
     def __init__(self, path: str | os.PathLike, files: Mapping[str, str]) -> None:
-        self.path = Path(path)
+        # absolute: ITK changes the working directory for a moment whenever it loads one of its modules, which
+        # happens in whichever thread first needs it, while other threads write outputs
+        self.path = Path(os.path.abspath(path))
         self.files = dict(files)
         self._lock_fd: int | None = None
         self._identity: tuple[int, int] | None = None

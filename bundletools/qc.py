@@ -5,16 +5,26 @@ A person checking a batch looks at ``<case>_qc.png`` instead of opening every vo
 through the centre of mass of the labels (the volume centre when nothing was segmented), in the closest RAS
 orientation of the scan, shown in physical proportions: sagittal (anterior to the right), coronal and axial
 (patient's right on the left of each panel, radiological convention); superior and anterior up.
+
+:class:`QCWriter` is the batch runner's writer of them (``"writer": "qc"`` in a config's ``outputs``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
 from nibabel.orientations import apply_orientation, io_orientation
 
-__all__ = ["PALETTE", "render_qc", "save_qc_png"]
+from .writers import RunContext, Writer
+
+__all__ = ["PALETTE", "QCWriter", "render_qc", "save_qc_png"]
 
 # label 1, 2, ... (cycled for more labels): red, green, blue, yellow, magenta, cyan, orange, purple
 PALETTE = np.array(
@@ -102,3 +112,44 @@ def save_qc_png(image: np.ndarray, label: np.ndarray, affine: np.ndarray, path: 
                 size: int = 256) -> None:
     """Write :func:`render_qc` as a PNG to ``path`` (the caller makes the write atomic)."""
     render_qc(image, label, affine, size).save(path, format="PNG")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return (x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)).detach().cpu().numpy()
+
+
+class QCWriter(Writer):
+    """``<case>_qc.png``: the labels ``case[key]`` over the image, drawn by :func:`save_qc_png`.
+
+    The image is the preprocessed one mapped back onto the labels' grid (the inverse of the preprocessing, with
+    linear interpolation), so the picture shows what the network saw where the labels are.
+
+    Args:
+        key: the labels (channel first, with their ``affine``).
+        image_key: the preprocessed image in the case.
+        size: side of each of the three panels in pixels.
+    """
+
+    ext = ".png"
+
+    def __init__(self, key: str = "pred", image_key: str = "image", size: int = 256) -> None:
+        super().__init__(key)
+        self.image_key, self.size = image_key, int(size)
+        self.preprocessing: Callable | None = None
+
+    def prepare(self, run: RunContext) -> None:
+        self.preprocessing = run.preprocessing
+
+    def write(self, case: Mapping, source: Any) -> Callable[[Path], None]:
+        label, image, transform = self.value(case), case[self.image_key], self.preprocessing
+
+        def write(path: Path) -> None:
+            shown = image
+            if transform is not None:  # the preprocessed image back on the input's grid, as the label is
+                shown = Invertd("_qc_image", transform=transform, orig_keys=self.image_key, nearest_interp=False)(
+                    {"_qc_image": image, self.image_key: image})["_qc_image"]
+            affine = label.meta["affine"] if isinstance(label, MetaTensor) else np.eye(4)
+            save_qc_png(_numpy(shown)[0].astype(np.float32), _numpy(label)[0].round().astype(np.int32),
+                        _numpy(affine).astype(np.float64), path, self.size)
+
+        return write

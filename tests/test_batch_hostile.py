@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import monai.bundle
 import nibabel as nib
@@ -38,16 +39,11 @@ from monai.bundle import ConfigParser
 
 from bundletools.batch import TMP_PREFIX
 from bundletools.data import inference_datalist
-from tests.conftest import BUNDLES, subprocess_env
-from tests.test_batch_inference import UNET, random_model, read_reference, write_dicom_series
+from tests.utils import (AXIAL, BUNDLES, UNET, batch, by_input, evaluator, read_reference, strip_preamble,
+                         subprocess_env, write_dicom_series, write_mr_series)
 
 SHAPE = (16, 20, 12)
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
-
-
-@pytest.fixture(scope="module")
-def unet_root(tmp_path_factory) -> Path:
-    return random_model(UNET, tmp_path_factory.mktemp("unet_random"))
 
 
 def volume(seed: int = 0, shape=SHAPE) -> np.ndarray:
@@ -57,21 +53,6 @@ def volume(seed: int = 0, shape=SHAPE) -> np.ndarray:
 def save_nifti(path: str | os.PathLike, data: np.ndarray | None = None, affine=None) -> None:
     nib.save(nib.Nifti1Image(volume() if data is None else data, np.eye(4) if affine is None else affine),
              os.fsdecode(path))
-
-
-def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
-    """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it; returns the report."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
-    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
-                   **overrides})
-    runner = parser.get_parsed_content("evaluator")
-    runner.exit_on_failure = False
-    return runner.run()
-
-
-def by_input(report: dict) -> dict[str, dict]:
-    return {Path(c["input"]).name: c for c in report["cases"]}
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -344,11 +325,6 @@ def test_the_command_line_end_to_end(tmp_path, unet_root):
 
 
 # ---------------------------------------------------------------------------- 7: DICOM discovery, accounting
-def _strip_preamble(folder: Path) -> None:
-    for f in folder.iterdir():
-        f.write_bytes(f.read_bytes()[132:])  # no preamble, no "DICM": the file starts with the meta group
-
-
 def accounted(report: dict, path: Path) -> list[str]:
     """How the report accounts for ``path``: the statuses of its records, or of the records below it."""
     inside = [*((c["input"], c["status"]) for c in report["cases"]),
@@ -364,7 +340,7 @@ def test_dicom_series_are_found_and_every_entry_of_the_input_folder_is_accounted
     zyx = volume(3, (6, 18, 22)) * 100
     write_dicom_series(scans / "no_preamble", zyx, (0.8, 0.9, 2.0), (1.0, 2.0, 3.0), IDENTITY,
                        "1.2.826.0.1.3680043.2.1125.14.2")
-    _strip_preamble(scans / "no_preamble")
+    strip_preamble(scans / "no_preamble")
     write_dicom_series(scans / "crowded", zyx, (1, 1, 2), (0, 0, 0), IDENTITY, "1.2.826.0.1.3680043.2.1125.14.3")
     for i in range(25):
         (scans / "crowded" / f"a_thumbnail_{i:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not DICOM")
@@ -491,7 +467,7 @@ def test_resume_redoes_changed_inputs_and_other_models_and_records_checksums(tmp
     save_nifti(scans / "a.nii.gz", volume(1))
     save_nifti(scans / "b.nii.gz", volume(2))
     model = unet_root / "models" / "model.pt"
-    report = batch(scans, out, unet_root)
+    report = batch(scans, out, unet_root, config_files=[str(config)])
     cases = by_input(report)
     assert cases["a.nii.gz"]["input_sha256"] == sha256(scans / "a.nii.gz")
     assert cases["a.nii.gz"]["model_sha256"] == sha256(model)
@@ -554,12 +530,8 @@ def test_outputs_are_synced_to_disk_before_they_are_renamed(tmp_path, unet_root,
 # Each test names the item of issue 24 it checks.
 def batch_exits(scans: Path, out: Path, root: Path, **overrides) -> tuple[int, dict | None]:
     """The evaluator run as a pipeline runs it (exiting on failure): (exit status, the report it returned)."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
-    parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
-                   **overrides})
     try:
-        return 0, parser.get_parsed_content("evaluator").run()
+        return 0, evaluator(scans, out, root, **overrides).run()
     except SystemExit as e:
         return e.code, None
 
@@ -650,7 +622,7 @@ def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp
     cache = tmp_path / "cache"
 
     def run(model_sha256: str = "a" * 64) -> torch.Tensor:
-        return OnnxRuntimeNetwork(network, cache, model_sha256)(x)
+        return OnnxRuntimeNetwork(network, SimpleNamespace(sha256=model_sha256), cache)(x)
 
     torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
     (onnx_file,) = cache.glob("model-*.onnx")
@@ -687,7 +659,7 @@ def test_a_changed_foreign_or_linked_onnx_cache_is_exported_again_never_used(tmp
                           (tmp_path / "none.onnx", r"none\.onnx: onnx_path cannot be read"),
                           (tmp_path, r"onnx_path is not a regular file")):
         with pytest.raises(BatchError, match=message):
-            OnnxRuntimeNetwork(network, cache, "a" * 64, onnx_path=path)
+            OnnxRuntimeNetwork(network, SimpleNamespace(sha256="a" * 64), cache, onnx_path=path)
 
 
 def _add_to_bias(path: Path, value: float) -> None:
@@ -917,16 +889,13 @@ def test_case_names_that_look_like_formulas_are_neutralised_in_the_csv_only(tmp_
 
 # ----------------------------------------------------------------------- 10: a SEG that cannot be made
 @pytest.fixture
-def dicom_seg_scans(tmp_path, monkeypatch) -> Path:
-    """A folder with an MR series and a NIfTI; the bundle's config on the command line (for metadata.json)."""
+def dicom_seg_scans(tmp_path) -> Path:
+    """A folder with an MR series and a NIfTI."""
     pytest.importorskip("highdicom")
-    from tests.test_dicomseg import AXIAL, write_mr_series
 
     scans = tmp_path / "scans"
     write_mr_series(scans / "series", volume(4, (20, 16, 8)) * 100, (0.9, 0.8, 1.5), (-5.0, 3.0, 4.0), AXIAL)
     save_nifti(scans / "plain.nii.gz")
-    config = BUNDLES / UNET / "configs" / "inference.json"
-    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", str(config)])
     return scans
 
 
@@ -1010,8 +979,8 @@ def test_max_voxels_applies_to_the_resampled_volume_before_it_is_made(tmp_path, 
     parser = ConfigParser()
     parser.read_config(BUNDLES / "csam_unet_segmentation" / "configs" / "inference.json")
     parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(scans), "output_dir": str(tmp_path / "csam")})
-    csam = parser.get_parsed_content("evaluator")
-    assert csam.pixdim == (1.0, 1.0, 0.0) and csam._slice_axis_last
+    limits = parser.get_parsed_content("evaluator").input_limits
+    assert limits.pixdim == (1.0, 1.0, 0.0) and limits.slice_axis_last
 
 
 # ------------------------------------------------------------------- 12: bad values of real keys, one line
@@ -1021,11 +990,9 @@ def infer_here(monkeypatch, tmp_path, capsys):
     logging configuration is left out: it would replace pytest's log capture."""
     import monai.bundle.workflows
 
-    from bundletools import batch as batch_module
     from bundletools.infer import main
 
     monkeypatch.setattr(monai.bundle.workflows, "fileConfig", lambda *args, **kwargs: None)
-    monkeypatch.setattr(batch_module, "RUN_CONFIG_FILES", [])
     monkeypatch.chdir(tmp_path)
 
     def infer(*args) -> tuple[int, str]:
@@ -1157,3 +1124,18 @@ def test_an_output_removed_during_the_run_fails_its_case(tmp_path, unet_root, ca
     cases = by_input(json.loads((out / "report.json").read_text()))
     assert cases["a.nii.gz"]["status"] == "failed" and "a_seg.nii.gz no longer there" in cases["a.nii.gz"]["reason"]
     assert cases["b.nii.gz"]["status"] == "succeeded"
+
+
+def test_relative_folders_survive_itk_changing_the_working_directory(tmp_path, unet_root, monkeypatch):
+    """ITK changes the process's working directory for a moment whenever it loads one of its modules (in whichever
+    thread first needs it); with relative IN and OUT, a NIfTI case written meanwhile landed elsewhere and failed
+    as "the output folder was removed during the run". Paths are made absolute first."""
+    monkeypatch.chdir(tmp_path)
+    scans = Path("scans")
+    scans.mkdir()
+    save_nifti(scans / "a.nii.gz")
+    write_dicom_series(scans / "series", volume(2, (6, 18, 22)) * 100, (0.8, 0.7, 2.0), (0.0, 0.0, 0.0), IDENTITY,
+                       "1.2.826.0.1.3680043.2.1125.14.9")
+    report = batch(scans, Path("out"), unet_root, num_workers=0)
+    assert {c["case"]: c["status"] for c in report["cases"]} == {"a": "succeeded", "series": "succeeded"}, report
+    assert (tmp_path / "out" / "a_seg.nii.gz").is_file() and (tmp_path / "out" / "series_seg.nii.gz").is_file()

@@ -28,11 +28,11 @@ from PIL import Image
 from bundletools import BatchInference
 from bundletools.batch import TMP_PREFIX, failure_reason
 from bundletools.data import DatasetError, check_dicom_series, inference_datalist
+from bundletools.model import Checkpoint
 from bundletools.qc import PALETTE, render_qc
-from tests.conftest import BUNDLES, config_list, run_bundle
+from tests.utils import (ALL_BUNDLES, BUNDLES, UNET, config_list, random_model, read_reference, run_bundle,
+                         write_dicom_series)
 
-ALL_BUNDLES = sorted(p.parent.name for p in BUNDLES.glob("*/spec.json"))
-UNET = "unet_segmentation"
 FAST = ["--num_workers", "0"]
 
 # good inputs: name -> case name
@@ -60,36 +60,6 @@ def _case(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str) -> None:
-    """One DICOM file per slice with the position and orientation tags that carry the geometry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(volume_zyx.astype(np.int16))
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = direction
-    for i in range(image.GetDepth()):
-        s = image[:, :, i]
-        s.SetMetaData("0020|000e", uid)  # series instance UID
-        s.SetMetaData("0020|0032", "\\".join(f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, i))))
-        s.SetMetaData("0020|0037", "\\".join(f"{c:.6f}" for c in (d[0], d[3], d[6], d[1], d[4], d[7])))
-        s.SetMetaData("0020|0013", str(i + 1))  # instance number
-        s.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
-        writer.Execute(s)
-
-
-def read_reference(path: Path) -> sitk.Image:
-    """An input as SimpleITK reads it (a DICOM folder as a series)."""
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-        return reader.Execute()
-    return sitk.ReadImage(str(path))
-
-
 def assert_same_grid(reference: sitk.Image, seg_path: Path) -> None:
     seg = sitk.ReadImage(str(seg_path))
     assert seg.GetPixelID() == sitk.sitkUInt8
@@ -161,17 +131,6 @@ def make_scans(folder: Path) -> Path:
     return folder
 
 
-def random_model(bundle: str, root: Path, **overrides) -> Path:
-    """``<root>/models/model.pt`` with the randomly initialised (seeded) weights of the bundle's network_def."""
-    parser = ConfigParser()
-    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
-    parser.update(overrides)
-    torch.manual_seed(0)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
-    return root
-
-
 def report_of(out: Path) -> dict[str, dict]:
     """The report's records by input name (two inputs may share a case name)."""
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -187,11 +146,6 @@ def infer_args(scans: Path, out: Path, root: Path, *extra) -> list:
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
     return make_scans(tmp_path_factory.mktemp("batch") / "scans")
-
-
-@pytest.fixture(scope="module")
-def unet_root(tmp_path_factory) -> Path:
-    return random_model(UNET, tmp_path_factory.mktemp("unet_random"))
 
 
 @pytest.fixture(scope="module")
@@ -323,8 +277,10 @@ def test_every_bundle_builds_the_runner_and_survives_a_bad_case(bundle, tmp_path
     assert runner.postprocessing is workflow.parser.get_parsed_content("postprocessing")
     post = [type(t).__name__ for t in runner.postprocessing.transforms]
     assert "Invertd" in post and "SaveImaged" not in post  # MONAI Label appends its own writer
-    assert runner.ckpt_path == str(root / "models" / "model.pt") and runner.outputs["pred"]["postfix"] == "seg"
-    assert (runner.overwrite, runner.qc, runner.num_workers) == (False, False, 0)
+    assert runner.checkpoint.path == str(root / "models" / "model.pt")
+    assert runner.checkpoint.network is workflow.parser.get_parsed_content("network_def")
+    assert list(runner.outputs) == ["pred"] and runner.outputs["pred"].suffix == "_seg.nii.gz"  # no QC, no SEG
+    assert (runner.overwrite, runner.execution.num_workers) == (False, 0)
     with pytest.raises(SystemExit) as exit_info:
         workflow.run()
     assert exit_info.value.code == 2
@@ -352,11 +308,13 @@ def unet_parts(tmp_path):
     return parser
 
 
-def _runner(parser: ConfigParser, **kwargs) -> BatchInference:
+def _runner(parser: ConfigParser, ckpt_path: str | Path | None = None, **kwargs) -> BatchInference:
+    """The runner built from the config's parts by hand, as a program using it from Python would."""
+    network = parser.get_parsed_content("network")
+    checkpoint = Checkpoint(ckpt_path or parser.get_parsed_content("ckpt_path"), network)
     args = dict(dataset=parser.get_parsed_content("dataset"), output_dir=parser.get_parsed_content("output_dir"),
-                network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("inferer"),
-                postprocessing=parser.get_parsed_content("postprocessing"),
-                ckpt_path=parser.get_parsed_content("ckpt_path"))
+                network=network, inferer=parser.get_parsed_content("inferer"),
+                postprocessing=parser.get_parsed_content("postprocessing"), checkpoint=checkpoint)
     args.update(kwargs)
     return BatchInference(**args)
 

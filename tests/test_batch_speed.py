@@ -22,11 +22,10 @@ from monai.data import MetaTensor
 from monai.transforms import AsDiscreted
 
 from bundletools import BatchInference
-from bundletools.writers import WRITERS
-from tests.conftest import BUNDLES, shared_data
+from bundletools.writers import WRITERS, ImageWriter
+from tests.utils import BUNDLES, UNET, shared_data
 from transforms import Argmaxd, channel_argmax
 
-UNET = "unet_segmentation"
 
 
 # ---------------------------------------------------------------------------------------------------- argmax
@@ -96,27 +95,37 @@ def test_parallel_cases_are_in_flight_at_once(tmp_path):
                    parallel_cases=2)
     network = parser.get_parsed_content("network_def")
     parser["network"] = _Rendezvous(network, 2)
-    parser["evaluator#weights_network"] = network
+    parser["checkpoint#network"] = network
     report = parser.get_parsed_content("evaluator").run()
     assert report["summary"]["succeeded"] == 2, report["cases"]
+
+
+started = threading.Event()  # set when the second case's network starts
+
+
+class SlowWriter(ImageWriter):
+    """The image writer, whose first file waits until the next case's network has started."""
+
+    def __init__(self, key, dtype):
+        super().__init__(key, dtype)
+        self.first_done = False
+
+    def write(self, case, source):
+        write = super().write(case, source)
+
+        def wait_then_write(path):
+            if not started.is_set() and not self.first_done:
+                self.first_done = True
+                assert started.wait(20), "the next case's network did not start while this case was written"
+            write(path)
+
+        return wait_then_write
 
 
 def test_a_cases_write_overlaps_the_next_cases_network(tmp_path, monkeypatch):
     """With one case at a time, the write of the first case waits until the second case's network has started:
     only a writer that runs beside the computation lets both finish."""
-    started = threading.Event()
-    plain = WRITERS["image"]
-
-    def slow_writer(value, spec, case):
-        write = plain(value, spec, case)
-
-        def wait_then_write(path):
-            if not started.is_set() and not getattr(slow_writer, "first_done", False):
-                slow_writer.first_done = True
-                assert started.wait(20), "the next case's network did not start while this case was written"
-            write(path)
-
-        return wait_then_write
+    started.clear()
 
     class Signal(torch.nn.Module):
         def __init__(self, network):
@@ -129,12 +138,12 @@ def test_a_cases_write_overlaps_the_next_cases_network(tmp_path, monkeypatch):
                 started.set()
             return self.network(x)
 
-    monkeypatch.setitem(WRITERS, "slow", slow_writer)
+    monkeypatch.setitem(WRITERS, "slow", f"{__name__}.SlowWriter")
     parser = _unet(tmp_path, _small_scans(tmp_path / "scans", 3), output_dir=str(tmp_path / "out"),
                    parallel_cases=1, outputs={"pred": {"postfix": "seg", "dtype": "uint8", "writer": "slow"}})
     network = parser.get_parsed_content("network_def")
     parser["network"] = Signal(network)
-    parser["evaluator#weights_network"] = network
+    parser["checkpoint#network"] = network
     report = parser.get_parsed_content("evaluator").run()
     assert report["summary"]["succeeded"] == 3, report["cases"]
 
@@ -156,7 +165,7 @@ def test_threads_are_split_between_cases_and_restored(tmp_path):
                    parallel_cases=2, num_threads=4)
     network = parser.get_parsed_content("network_def")
     parser["network"] = Threads(network)
-    parser["evaluator#weights_network"] = network
+    parser["checkpoint#network"] = network
     report = parser.get_parsed_content("evaluator").run()
     assert seen == [2, 2]  # 4 threads for 2 cases in flight: 2 each
     settings = report["run"]["settings"]
@@ -213,7 +222,7 @@ def test_fast_path_writes_todays_labels_on_real_task04_images(tmp_path):
     # the defaults on 2 threads: 2 cases in flight with one thread each, a writer thread, Argmaxd
     new = _unet(tmp_path, scans, output_dir=str(tmp_path / "new"), num_workers=2, num_threads=2)
     runner = new.get_parsed_content("evaluator")
-    assert runner.parallel_cases is None and runner.runtime == "torch"
+    assert runner.execution.parallel_cases is None and runner.network is new.get_parsed_content("network")
     runner.run()
     before, after = _labels(tmp_path / "old"), _labels(tmp_path / "new")
     assert len(before) == 8 and list(before) == list(after)

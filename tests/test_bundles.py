@@ -2,9 +2,9 @@
 """Every bundle end to end, run the way users run it: `python -m monai.bundle ...` in a fresh process.
 
 Each command runs from a temporary working directory, with ``bundle_root`` pointed at a temporary folder, so
-the tests also prove that nothing depends on the current directory or on PYTHONPATH. ``BUNDLE_TESTS`` lists the
-bundles and the overrides that keep their runs short on 2 CPU cores; a new bundle adds a line there and gets
-every check.
+the tests also prove that nothing depends on the current directory or on PYTHONPATH. Every bundle under
+``bundles/`` gets every check (``tests.utils.ALL_BUNDLES``); ``QUICK`` holds the overrides that keep a bundle's
+runs short on 2 CPU cores where its defaults do not.
 """
 
 from __future__ import annotations
@@ -27,35 +27,29 @@ import SimpleITK as sitk
 import torch
 
 from bundletools.demo import make_synthetic_dataset
-from tests.conftest import BUNDLES, config_list, run_bundle, shared_data, shared_schema, subprocess_env
+from tests.utils import (ALL_BUNDLES, BUNDLES, config_list, run_bundle, shared_data, shared_schema,
+                         subprocess_env)
 
 FAST = ["--num_workers", "0"]
 pytestmark = pytest.mark.slow
 
-# bundle -> settings: "train"/"infer" extra overrides for quick runs, "real_data" the default task's folder
-BUNDLE_TESTS = {
-    "unet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
-    "transunet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
-    "dnet_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
-    "ukan_segmentation": {"train": [], "infer": [], "real_data": "Task04_Hippocampus"},
-    "csam_unet_segmentation": {"train": ["--roi_size", "[32,32,8]"], "infer": ["--roi_size", "[32,32,8]"],
-                               "real_data": "Task04_Hippocampus"},
-}
+# overrides of training and inference for bundles whose defaults are slow here (CSAM: whole 48x48 slabs)
+QUICK = {"csam_unet_segmentation": ["--roi_size", "[32,32,8]"]}
 
 
-@pytest.fixture(scope="module", params=sorted(BUNDLE_TESTS))
+@pytest.fixture(scope="module", params=ALL_BUNDLES)
 def bundle(request) -> str:
     return request.param
 
 
 def train_args(bundle: str, dataset: Path, root: Path, epochs: int, run_id: str = "training", *extra) -> list:
     return ["run", run_id, "--config_file", config_list(bundle, "train"), "--dataset_dir", dataset,
-            "--bundle_root", root, "--epochs", epochs, *FAST, *BUNDLE_TESTS[bundle]["train"], *extra]
+            "--bundle_root", root, "--epochs", epochs, *FAST, *QUICK.get(bundle, []), *extra]
 
 
 def infer_args(bundle: str, scans: Path, out: Path, root: Path, *extra) -> list:
     return ["run", "--config_file", config_list(bundle, "inference"), "--dataset_dir", scans, "--output_dir", out,
-            "--bundle_root", root, *FAST, *BUNDLE_TESTS[bundle]["infer"], *extra]
+            "--bundle_root", root, *FAST, *QUICK.get(bundle, []), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +133,7 @@ def test_killed_training_resumes_from_last_finished_epoch(bundle, tmp_path, synt
 def test_evaluate_writes_per_case_dice_and_hd95_in_mm(bundle, trained, synthetic_msd, tmp_path):
     root, _ = trained
     run_bundle(["run", "--config_file", config_list(bundle, "train", "evaluate"), "--dataset_dir", synthetic_msd,
-                "--bundle_root", root, *FAST, *BUNDLE_TESTS[bundle]["train"]], cwd=tmp_path)
+                "--bundle_root", root, *FAST, *QUICK.get(bundle, [])], cwd=tmp_path)
     for metric in ("val_mean_dice", "val_hd95_mm"):
         with open(root / "eval" / f"{metric}_raw.csv") as f:
             rows = list(csv.reader(f))
@@ -244,7 +238,7 @@ def test_ddp_with_two_gloo_processes(bundle, tmp_path, synthetic_msd):
     root = tmp_path / "bundle"
     proc = run_bundle(["run", "training", "--config_file", config_list(bundle, "train", "multi_gpu_train"),
                        "--dataset_dir", synthetic_msd, "--bundle_root", root, "--epochs", "2",
-                       "--val_fraction", "0.34", *FAST, *BUNDLE_TESTS[bundle]["train"]],  # one case per rank
+                       "--val_fraction", "0.34", *FAST, *QUICK.get(bundle, [])],  # one case per rank
                       cwd=tmp_path, torchrun=2)
     state = torch.load(root / "models" / "training_state.pt", weights_only=True)
     assert state["epoch"] == 2
@@ -297,7 +291,7 @@ def test_bad_training_data_fails_before_training(bundle, tmp_path):
 
 @pytest.mark.realdata
 def test_real_hippocampus_short_training_and_inference(bundle, tmp_path):
-    hippo = shared_data(BUNDLE_TESTS[bundle]["real_data"])
+    hippo = shared_data("Task04_Hippocampus")
     root = tmp_path / "bundle"
     proc = run_bundle(train_args(bundle, hippo, root, 2, "training", "--max_cases", "12"), cwd=tmp_path)
     dice = [float(v) for v in re.findall(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([0-9.]+)", proc.output)]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Smoke test of the collection benchmark (`benchmarks/collection.py`) on a tiny budget and synthetic data.
+"""Smoke test of the collection benchmark (`python -m benchmarks.collection`) on a tiny budget and synthetic data.
 
 The real run (minutes per network on the Task04 data) is not a test; this one checks that the protocol still
 runs end to end for a bundle and a MONAI built-in and writes what docs/benchmark.md shows.
@@ -8,7 +8,6 @@ runs end to end for a bundle and a MONAI built-in and writes what docs/benchmark
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,18 +19,15 @@ from PIL import Image
 
 from bundletools import training_split
 from bundletools.demo import make_synthetic_dataset
-from tests.conftest import REPO, nnunet_python, subprocess_env
+from benchmarks.scoring import score_segmentations
+from tests.utils import REPO, nnunet_python, subprocess_env
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from scoring import score_segmentations  # noqa: E402
-
-SCRIPT = REPO / "benchmarks" / "collection.py"
 PLOTS = ["dice_vs_training_time.png", "dice_vs_inference_time.png", "params_vs_dice.png"]
 
 
 def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", cwd=REPO, env=subprocess_env(), timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "benchmarks.collection", *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", cwd=REPO, env=subprocess_env(), timeout=timeout)
 
 
 def _rows(out: Path) -> dict[tuple[str, str, str], dict]:
@@ -102,7 +98,7 @@ def test_bundle_and_builtin_under_one_protocol(tmp_path, synthetic_msd, other_ms
     assert "| UNet (bundle), thick | demo | 1 epoch | 0 |" in table
     assert ("Scored on: other (all cases), 3 cases (SegResNet (MONAI)); other_thick (all cases), 2 cases (UNet "
             "(bundle), thick).") in table
-    assert "Machine: " in table and "Command: `python benchmarks/collection.py --epochs 1" in table
+    assert "Machine: " in table and "Command: `python -m benchmarks.collection --epochs 1" in table
     for name in PLOTS:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 400
@@ -216,11 +212,9 @@ def test_bad_budgets_seeds_and_thick_folders_are_named(tmp_path, synthetic_msd):
 
 
 def _collection():
-    spec = importlib.util.spec_from_file_location("collection", SCRIPT)
-    collection = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("collection", collection)  # dataclasses look their module up there
-    spec.loader.exec_module(collection)
-    return collection
+    import benchmarks.collection
+
+    return benchmarks.collection
 
 
 def test_scored_cases_are_the_split_the_run_validates_on(synthetic_msd):

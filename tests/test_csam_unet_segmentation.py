@@ -24,7 +24,7 @@ from monai.transforms import Compose, DivisiblePadd, Invertd, Orientationd, Spac
 from bundletools.demo import make_synthetic_dataset
 from networks import CSAMUNet
 from networks.wrappers import MonteCarloUncertainty
-from tests.conftest import BUNDLES, config_list, run_bundle, shared_data
+from tests.utils import BUNDLES, config_list, run_bundle, shared_data
 from transforms import SliceAxisLast, SliceAxisLastd, SplitUncertaintyd, slice_last_order
 
 BUNDLE = "csam_unet_segmentation"

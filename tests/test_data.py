@@ -22,7 +22,7 @@ from bundletools.data import (
     split_datalist,
     training_split,
 )
-from tests.conftest import shared_data
+from tests.utils import shared_data
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bundletools.demo import DEMO_OVERRIDES
-from tests.conftest import run_bundle
+from tests.utils import run_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,7 @@ import SimpleITK as sitk
 
 from bundletools.dicomseg import AlgorithmInfo, build_segmentation, read_series, segmentation_writer
 from bundletools.images import DatasetError, check_dicom_series
-from tests.conftest import BUNDLES, shared_data
-from tests.test_batch_hostile import batch, by_input
-from tests.test_batch_inference import UNET, random_model
-from tests.test_dicomseg import AXIAL, CASE, write_mr_series
+from tests.utils import AXIAL, BUNDLES, CASE, UNET, batch, by_input, random_model, shared_data, write_mr_series
 
 pytestmark = pytest.mark.realdata
 
@@ -68,10 +65,8 @@ def slice_positions(direction: np.ndarray, steps: int) -> list[np.ndarray]:
 
 
 def runner_root(tmp_path: Path) -> Path:
-    """A random UNet bundle folder with the bundle's configs (their metadata.json names the SEG's segments)."""
-    root = random_model(UNET, tmp_path / "bundle")
-    shutil.copytree(BUNDLES / UNET / "configs", root / "configs")
-    return root
+    """A UNet bundle folder with a random model."""
+    return random_model(UNET, tmp_path / "bundle")
 
 
 # --------------------------------------------------------------------------- item 3: different orientations

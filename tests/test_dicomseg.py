@@ -28,11 +28,8 @@ from bundletools.dicomseg import (
     segmentation_writer,
     write_segmentation,
 )
-from tests.conftest import BUNDLES, config_list, run_bundle, shared_data
-
-CASE = "hippocampus_001"
-AXIAL = np.eye(3)
-
+from tests.utils import (AXIAL, BUNDLES, CASE, config_list, random_model, run_bundle, shared_data, strip_preamble,
+                         write_mr_series)
 
 def _rotation(z_deg: float, x_deg: float) -> np.ndarray:
     a, b = np.deg2rad(z_deg), np.deg2rad(x_deg)
@@ -42,41 +39,6 @@ def _rotation(z_deg: float, x_deg: float) -> np.ndarray:
 
 
 OBLIQUE = _rotation(20.0, 15.0)
-
-
-def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, direction_lps: np.ndarray) -> None:
-    """One MR Image Storage file per slice of ``volume_xyz`` (x: columns, y: rows, z: slices), with the geometry
-    of an ITK image of that spacing, origin and direction (columns: the axes in LPS), in shuffled file names."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    folder.mkdir(parents=True)
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    order = np.random.default_rng(0).permutation(volume_xyz.shape[2])
-    for k in range(volume_xyz.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Test^Hippo", "T1"
-        ds.PatientBirthDate, ds.PatientSex = "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
-        ds.StudyID, ds.StudyDate, ds.StudyTime = "1", "20240101", "120000"
-        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
-        ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, k + 1, "test"
-        position = np.asarray(origin_lps) + direction_lps[:, 2] * spacing[2] * k
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*direction_lps[:, 0], *direction_lps[:, 1])]
-        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # between rows, between columns
-        ds.SliceThickness = f"{spacing[2]:.6f}"
-        plane = np.ascontiguousarray(volume_xyz[:, :, k].T.astype(np.int16))
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = plane.tobytes()
-        ds.save_as(folder / f"IM{order[k]:04d}", enforce_file_format=True)
 
 
 @pytest.fixture(scope="module", params=["axial", "oblique"])
@@ -272,7 +234,6 @@ def _scans_with_series(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.realdata
 def test_runner_writes_a_seg_per_dicom_case_resumes_and_reports_it(tmp_path):
-    from tests.test_batch_inference import random_model
 
     series = _scans_with_series(tmp_path / "in")
     root = random_model("unet_segmentation", tmp_path / "bundle")
@@ -321,12 +282,11 @@ def test_runner_writes_a_seg_per_dicom_case_resumes_and_reports_it(tmp_path):
 @pytest.mark.realdata
 def test_a_series_without_the_preamble_gets_the_same_seg(series, tmp_path):
     """The runner reads slices without the 128-byte preamble and "DICM" (GDCM does); so must the SEG builder."""
-    from tests.test_batch_hostile import _strip_preamble
 
     folder, nifti, _ = series
     stripped = tmp_path / folder.name
     shutil.copytree(folder, stripped)
-    _strip_preamble(stripped)
+    strip_preamble(stripped)
     seg, _ = _build(stripped, nifti)
     write_segmentation(seg, tmp_path / "seg.dcm")
     assert_seg_matches(tmp_path / "seg.dcm", folder, nifti, ("unet_segmentation", "0.1.0", "ab" * 32))

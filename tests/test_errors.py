@@ -15,9 +15,8 @@ from bundletools import errors
 from bundletools.data import DatasetError
 from bundletools.errors import CommandLineError
 from bundletools.outputs import BatchError
-from tests.conftest import config_list, run_bundle
+from tests.utils import UNET, config_list, run_bundle
 
-UNET = "unet_segmentation"
 
 
 def _raised(make) -> BaseException:

@@ -5,7 +5,7 @@ CI has no GPU, so these tests check what a CPU can: that every bundle's ``train.
 CUDA is reported and today's CPU settings otherwise, that the settings a CPU can run (the in-thread loader, the
 memory format, determinism, sparse training-state writes) train, that the cached training volumes survive an epoch
 unchanged (the cache is not copied for each sample any more), and that inference reads NIfTI without ITK (the GPU
-machine has none). The GPU figures themselves come from ``benchmarks/gpu_check.py``.
+machine has none). The GPU figures themselves come from ``python -m benchmarks.gpu_check``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import monai.inferers
 import torch
 from monai.bundle import ConfigParser
 
-from tests.conftest import BUNDLES, REPO, subprocess_env
+from tests.utils import ALL_BUNDLES, BUNDLES, REPO, UNET, random_model, subprocess_env
 
-ALL = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
 
 
 def _train_config(bundle: str, **overrides) -> ConfigParser:
@@ -31,7 +30,7 @@ def _train_config(bundle: str, **overrides) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("bundle", ALL)
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 def test_the_device_chooses_the_training_settings(bundle, monkeypatch):
     cpu = _train_config(bundle)
     assert cpu.get_parsed_content("amp") is False
@@ -69,7 +68,7 @@ def test_loss_scaling_only_for_float16():
     assert isinstance(trainer.scaler, torch.amp.GradScaler) and not trainer.scaler.is_enabled()
 
 
-@pytest.mark.parametrize("bundle", ALL)
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 def test_an_epoch_leaves_the_cached_training_volumes_unchanged(bundle, synthetic_msd, tmp_path):
     """The training cache is handed to the random transforms without a copy (``copy_cache: false``): no random
     transform of any bundle may change it in place."""
@@ -88,7 +87,7 @@ def test_an_epoch_leaves_the_cached_training_volumes_unchanged(bundle, synthetic
 def test_the_gpu_loader_path_trains_on_the_cpu(synthetic_msd, tmp_path):
     """What the GPU settings change that a CPU can run: batches from one loader thread (no worker processes),
     channels-last input, determinism on, and the training state written only after the last epoch."""
-    parser = _train_config("unet_segmentation", bundle_root=str(tmp_path), dataset_dir=str(synthetic_msd),
+    parser = _train_config(UNET, bundle_root=str(tmp_path), dataset_dir=str(synthetic_msd),
                            epochs=2, num_workers=0, memory_format="$torch.channels_last_3d", deterministic=True,
                            save_interval_s=3600, roi_size=[32, 32, 32])
     writes = []
@@ -114,7 +113,6 @@ def test_inference_reads_nifti_without_itk(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from tests.test_batch_inference import UNET, random_model
 
     root = random_model(UNET, tmp_path / "root")
     scans = tmp_path / "scans"
@@ -155,14 +153,14 @@ def test_stitch_limit_and_where_a_case_is_stitched(monkeypatch):
 
 
 def test_the_device_chooses_where_inference_stitches(monkeypatch):
-    for bundle in ALL:
+    for bundle in ALL_BUNDLES:
         parser = ConfigParser()
         parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
         inferer = parser.get_parsed_content("inferer")
         assert str(inferer.device) == "cpu" and inferer.cpu_thresh is None, bundle
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 8e9}))
-    for bundle in ALL:
+    for bundle in ALL_BUNDLES:
         parser = ConfigParser()
         parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
         assert parser.get_parsed_content("stitch_device") is None, bundle
@@ -186,7 +184,6 @@ def test_a_case_that_does_not_fit_for_stitching_on_the_device_is_stitched_on_the
     import nibabel as nib
     import numpy as np
 
-    from tests.test_batch_inference import UNET, random_model
 
     root = random_model(UNET, tmp_path / "root")
     scans = tmp_path / "scans"

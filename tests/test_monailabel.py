@@ -36,11 +36,10 @@ import SimpleITK as sitk
 import torch
 
 from bundletools.data import case_name
-from tests.conftest import BUNDLES, monailabel_executable, shared_data
+from tests.utils import ALL_BUNDLES, BUNDLES, monailabel_executable, shared_data
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow, pytest.mark.realdata]
 
-BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "inference.json").is_file())
 LABELLED_CASES = 5
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 300
@@ -149,7 +148,7 @@ def server(tmp_path_factory):
     assert download.returncode == 0, f"monailabel apps --download failed:\n{download.stdout}\n{download.stderr}"
     model_dir = root / "apps" / "monaibundle" / "model"
     model_dir.mkdir(exist_ok=True)
-    for name in BUNDLE_NAMES:
+    for name in ALL_BUNDLES:
         copy = root / "bundles" / name
         shutil.copytree(BUNDLES / name, copy,
                         ignore=shutil.ignore_patterns("models", "eval", "runs", "segmentations", "__pycache__"))
@@ -159,7 +158,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{free_port()}"
     log = root / "server.log"
     cmd = [str(executable), "start_server", "--app", str(root / "apps" / "monaibundle"),
-           "--studies", str(root / "studies"), "--conf", "models", ",".join(BUNDLE_NAMES),
+           "--studies", str(root / "studies"), "--conf", "models", ",".join(ALL_BUNDLES),
            "--conf", "zoo_source", "github", "--conf", "sam2", "false",
            "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
     with open(log, "wb") as out:
@@ -178,7 +177,7 @@ def server(tmp_path_factory):
             if time.monotonic() - started > START_TIMEOUT_S:
                 pytest.fail(f"no answer from {url}/info/ within {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
             time.sleep(1)
-        print(f"MONAI Label server with {len(BUNDLE_NAMES)} bundles answered after {time.monotonic() - started:.0f} s")
+        print(f"MONAI Label server with {len(ALL_BUNDLES)} bundles answered after {time.monotonic() - started:.0f} s")
         yield Server(url, log, root / "bundles", images)
     finally:
         # the server, its training subprocesses and their data loader workers share one process group
@@ -227,9 +226,9 @@ def assert_label_volume_on_image_grid(label: Path, image: Path, bundle: str) -> 
 
 def test_info_lists_every_bundle_with_its_labels(server):
     info = server.get_json("/info/")
-    assert sorted(info["models"]) == BUNDLE_NAMES, "SAM2 or a bundle too many/few: " + str(sorted(info["models"]))
-    assert sorted(info["trainers"]) == BUNDLE_NAMES
-    for bundle in BUNDLE_NAMES:
+    assert sorted(info["models"]) == ALL_BUNDLES, "SAM2 or a bundle too many/few: " + str(sorted(info["models"]))
+    assert sorted(info["trainers"]) == ALL_BUNDLES
+    for bundle in ALL_BUNDLES:
         model = info["models"][bundle]
         assert model["type"] == "segmentation"
         assert model["labels"] == declared_labels(bundle) and model["labels"], f"{bundle}: {model['labels']}"
@@ -238,7 +237,7 @@ def test_info_lists_every_bundle_with_its_labels(server):
     assert "Ignore" not in server.log_tail(10**7), "MONAI Label ignored a bundle"
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 def test_infer_returns_a_label_volume_on_the_image_grid(server, bundle):
     offset = server.log.stat().st_size
     params, label = infer(server, bundle, server.images["oblique"])
@@ -248,7 +247,7 @@ def test_infer_returns_a_label_volume_on_the_image_grid(server, bundle):
     assert "Checkpoint keys don't match" not in server.log.read_bytes()[offset:].decode(errors="replace")
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 def test_short_training_writes_a_model_that_the_server_then_uses(server, bundle):
     from monai.bundle import ConfigParser
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.conftest import BUNDLES, run_bundle, shared_data
+from tests.utils import ALL_BUNDLES, BUNDLES, run_bundle, shared_data
 
 pytestmark = pytest.mark.slow
 
-ALL_BUNDLES = sorted(p.parent.name for p in BUNDLES.glob("*/spec.json"))
 
 
 def onnx_export_args(bundle: str, ckpt, filepath) -> list:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUNDLES, REPO, run_bundle, subprocess_env
+from tests.utils import ALL_BUNDLES, BUNDLES, REPO, UNET, run_bundle, subprocess_env
 
 PACKAGE = "monai-segmentation-bundles"
 # top-level modules the configs name -> the distribution that brings them
@@ -40,7 +40,7 @@ def _modules_named_in(config) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("bundle", sorted(p.parent.name for p in BUNDLES.glob("*/spec.json")))
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 def test_metadata_names_every_package_the_configs_need(bundle):
     configs = BUNDLES / bundle / "configs"
     metadata = json.loads((configs / "metadata.json").read_text())
@@ -92,10 +92,10 @@ def test_copied_bundle_trains_evaluates_and_infers_in_the_copy(install, tmp_path
     if install == "wheel":  # the code comes from the installed wheel, with its templates
         assert all(p.startswith(str(tmp_path / "site")) for p in where[:3]), where
         assert where[3] == "True"
-    checkout_models = BUNDLES / "unet_segmentation" / "models"
+    checkout_models = BUNDLES / UNET / "models"
     before = sorted(p.stat().st_mtime_ns for p in checkout_models.glob("*")) if checkout_models.exists() else None
 
-    copy = _copy_bundle("unet_segmentation", tmp_path / "anywhere" / "my_unet")
+    copy = _copy_bundle(UNET, tmp_path / "anywhere" / "my_unet")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     configs = copy / "configs"
@@ -126,7 +126,7 @@ def test_bundle_root_outside_a_workflow_is_a_clear_error():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(BUNDLES / "unet_segmentation" / "configs" / "train.json")
+    parser.read_config(BUNDLES / UNET / "configs" / "train.json")
     with pytest.raises(Exception) as e:
         parser.get_parsed_content("ckpt_dir")
     messages = []
@@ -159,7 +159,7 @@ sys.modules["SimpleITK"] = None  # any import of it fails
 sys.modules["einops"] = None
 import bundletools, bundletools.data, bundletools.batch, bundletools.qc, networks, transforms
 from monai.bundle import ConfigParser
-for bundle in {sorted(p.parent.name for p in BUNDLES.glob('*/spec.json'))!r}:
+for bundle in {ALL_BUNDLES!r}:
     parser = ConfigParser()
     parser.read_config({str(BUNDLES)!r} + "/" + bundle + "/configs/inference.json")
     parser.get_parsed_content("network_def")

@@ -1,11 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The recipe search (`benchmarks/recipe_search.py`): its candidates apply to their bundles' configs, and a quick CPU
-search trains, scores and derives candidates end to end and appends them to the table."""
+"""The recipe search (`python -m benchmarks.recipe_search`): its candidates apply to their bundles' configs, and a
+quick CPU search trains, scores and derives candidates end to end and appends them to the table."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,21 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.utils import REPO, subprocess_env
 
-SCRIPT = REPO / "benchmarks" / "recipe_search.py"
 
 
 def _search():
-    spec = importlib.util.spec_from_file_location("recipe_search", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import recipe_search
+
+    return recipe_search
 
 
 def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", cwd=REPO, env=subprocess_env(), timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "benchmarks.recipe_search", *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", cwd=REPO, env=subprocess_env(), timeout=timeout)
 
 
 def _parser(bundle: str, files: list[str]):

@@ -12,8 +12,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundletools.generate import TEMPLATES
-from tests.conftest import BUNDLES
-from tests.networks.test_transunet import NPZ, make_vit_r50_npz
+from tests.utils import BUNDLES, NPZ, make_vit_r50_npz
 
 CONFIGS = BUNDLES / "transunet_segmentation" / "configs"
 

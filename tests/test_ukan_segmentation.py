@@ -8,7 +8,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from networks import KANConv, KANLinear
-from tests.conftest import BUNDLES
+from tests.utils import BUNDLES
 
 CONFIGS = BUNDLES / "ukan_segmentation" / "configs"
 

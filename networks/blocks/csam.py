@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-from __future__ import annotations
+"""CSAM: cross-slice attention (semantic, positional and slice attention) for 2.5D segmentation (arXiv 2311.04942)."""
 
-from typing import List, Optional
+from __future__ import annotations
 
 import torch
 from monai.networks.layers.factories import Conv
@@ -98,10 +98,10 @@ class CSAM(nn.Module):
 
         self.spatial_dims = spatial_dims
         self.rank = rank
-        # axes of the (B, S, C, *spatial) view of the input
-        self._spatial_axes: List[int] = list(range(3, 3 + spatial_dims))
-        self._slice_and_spatial_axes: List[int] = [1] + self._spatial_axes
-        self._singleton_spatial: List[int] = [1] * spatial_dims
+        # axes of the (B, S, C, *spatial) view of the input (lists: TorchScript reduces over a list of dims)
+        self._spatial_axes = list(range(3, 3 + spatial_dims))
+        self._slice_and_spatial_axes = [1] + self._spatial_axes
+        self._singleton_spatial = [1] * spatial_dims
 
         self.semantic_mlp = None
         if semantic:
@@ -136,7 +136,7 @@ class CSAM(nn.Module):
         """Whether the module has the uncertainty branch (its output varies when sampling)."""
         return self.slice_factor is not None
 
-    def forward(self, x: torch.Tensor, num_slices: Optional[int] = None, sample: Optional[bool] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_slices: int | None = None, sample: bool | None = None) -> torch.Tensor:
         """
         Args:
             x: ``(B * S, C, *spatial)`` features; each run of ``num_slices`` batch entries is one volume.
@@ -145,18 +145,13 @@ class CSAM(nn.Module):
         """
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
-                "CSAM expects a (B*S, C, *spatial) tensor with "
-                + str(self.spatial_dims)
-                + " spatial dims, got shape "
-                + str(list(x.shape))
-                + "."
+                f"CSAM expects a (B*S, C, *spatial) tensor with {self.spatial_dims} spatial dims, "
+                f"got shape {list(x.shape)}."
             )
         total = x.shape[0]
         slices = total if num_slices is None else num_slices
         if slices < 1 or total % slices != 0:
-            raise ValueError(
-                "num_slices (" + str(slices) + ") must be positive and divide the batch size (" + str(total) + ")."
-            )
+            raise ValueError(f"num_slices ({slices}) must be positive and divide the batch size ({total}).")
         draw = self.training if sample is None else sample
         volumes = total // slices
         v = x.reshape([volumes, slices] + list(x.shape[1:]))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.layers.factories import Act, Norm
@@ -14,8 +15,9 @@ from networks.blocks.common import ChannelLayerNorm, ConvBlock
 from networks.blocks.dff import DFF
 from networks.blocks.dlk import DepthwiseConvMlp, DLKBlock
 from networks.blocks.fast import fast_conv_transpose_type, fast_conv_type, to_channels_last
+from networks.registry import register_network
 
-__all__ = ["DNet", "SalienceLayer"]
+__all__ = ["DNet", "SalienceLayer", "dnet_official", "dnet_paper"]
 
 NUM_LEVELS = 5
 SIZE_DIVISOR = 2**NUM_LEVELS
@@ -145,7 +147,8 @@ class DNet(nn.Module):
             )
 
         # Encoder, 1/2 to 1/32.
-        enc_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # schedules on the CPU: a network built under torch.device('meta') (shapes only) can still read them
+        enc_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.downsamples = nn.ModuleList([conv_type(in_channels, widths[0], kernel_size=7, stride=2, padding=3)])
         self.downsamples.extend(
             conv_type(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1) for i in range(NUM_LEVELS - 1)
@@ -161,7 +164,7 @@ class DNet(nn.Module):
         # Decoder, 1/16 up to 1/2 (deepest first).
         dec_levels = list(range(NUM_LEVELS - 2, -1, -1))
         dec_depths = [depths[lvl] for lvl in dec_levels]
-        dec_rates = torch.linspace(0, drop_path_rate, sum(dec_depths)).tolist()
+        dec_rates = torch.linspace(0, drop_path_rate, sum(dec_depths), device="cpu").tolist()
         self.upsamples = nn.ModuleList(
             up_conv_type(widths[lvl + 1], widths[lvl], kernel_size=2, stride=2) for lvl in dec_levels
         )
@@ -224,3 +227,22 @@ class DNet(nn.Module):
             outputs.reverse()
             return outputs
         return x
+
+
+@register_network(input_shape=(1, 1, 64, 64, 64))
+def dnet_paper(**overrides: Any) -> DNet:
+    """D-Net with the paper's defaults (per-branch selection, a norm per sub-block), 3D, widths 48-768, 1 input
+    channel, 16 classes: 39,292,518 parameters."""
+    return DNet(**({"spatial_dims": 3, "in_channels": 1, "out_channels": 16} | overrides))
+
+
+@register_network(input_shape=(1, 1, 64, 64, 64))
+def dnet_official(**overrides: Any) -> DNet:
+    """D-Net as the official code builds it (sotiraslab/DLK: widths 48-768, shared norm, both-branch selection),
+    3D, 1 input channel, 3 classes: 39,269,125 parameters (39,279,174 with 16 classes, the official count)."""
+    return DNet(
+        **(
+            {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "per_branch_selection": False, "shared_norm": True}
+            | overrides
+        )
+    )

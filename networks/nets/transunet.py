@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,9 @@ from networks.blocks.fast import FastConv2d, to_channels_last
 from networks.blocks.resnetv2 import ResNetV2
 from networks.blocks.vit import GridPositionEmbedding, ViTEncoder
 from networks.nets.transunet_weights import load_vit_r50_npz
+from networks.registry import register_network
 
-__all__ = ["TransUNet", "CascadedUpsampler", "CascadedUpsamplerBlock"]
+__all__ = ["TransUNet", "CascadedUpsampler", "CascadedUpsamplerBlock", "transunet_r50_vit_b16"]
 
 ENCODER_STRIDE = 16
 
@@ -203,3 +204,10 @@ class TransUNet(nn.Module):
     def load_from_npz(self, path: str | os.PathLike) -> list[str]:
         """Load Google's ImageNet-21k ``R50+ViT-B_16.npz`` into the encoder; see :func:`load_vit_r50_npz`."""
         return load_vit_r50_npz(self, path)
+
+
+@register_network(input_shape=(2, 3, 224, 224))
+def transunet_r50_vit_b16(**overrides: Any) -> TransUNet:
+    """TransUNet R50-ViT-B/16 as the official train.py builds it: 224x224, 3 input channels, 9 classes (Synapse):
+    105,277,081 parameters."""
+    return TransUNet(**({"in_channels": 3, "out_channels": 9, "img_size": 224} | overrides))

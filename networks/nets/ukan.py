@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,9 @@ from torch import nn
 from networks.blocks.common import ChannelLayerNorm, ConvBlock
 from networks.blocks.fast import fast_conv_type, to_channels_last
 from networks.blocks.kan import KANConv, KANLinear
+from networks.registry import register_network
 
-__all__ = ["KANBlock", "TokenShift", "UKAN", "ukan_param_groups"]
+__all__ = ["KANBlock", "TokenShift", "UKAN", "ukan_official", "ukan_param_groups"]
 
 NUM_LEVELS = 5
 SIZE_DIVISOR = 2**NUM_LEVELS
@@ -315,8 +317,9 @@ class UKAN(nn.Module):
             "norm": norm,
             "act": act,
         }
-        encoder_rates = torch.linspace(0, drop_path_rate, depths[1] + depths[2]).tolist()
-        decoder_rates = torch.linspace(drop_path_rate, 0, depths[1] + depths[0]).tolist()
+        # schedules on the CPU: a network built under torch.device('meta') (shapes only) can still read them
+        encoder_rates = torch.linspace(0, drop_path_rate, depths[1] + depths[2], device="cpu").tolist()
+        decoder_rates = torch.linspace(drop_path_rate, 0, depths[1] + depths[0], device="cpu").tolist()
 
         self.encoder1 = ConvBlock(spatial_dims, in_channels, e0 // 8, norm=norm, act=act)
         self.encoder2 = ConvBlock(spatial_dims, e0 // 8, e0 // 4, norm=norm, act=act)
@@ -364,6 +367,13 @@ class UKAN(nn.Module):
             if isinstance(m, KANLinear)
         ]
         return torch.stack(losses).sum() if losses else self.head.weight.new_zeros(())
+
+
+@register_network(input_shape=(4, 3, 256, 256))
+def ukan_official(**overrides: Any) -> UKAN:
+    """U-KAN as the official train.py builds it (embed_dims 128-160-256), 2D, 3 input channels, 1 class (with a
+    sigmoid): 6,356,689 parameters."""
+    return UKAN(**({"spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": (128, 160, 256)} | overrides))
 
 
 def ukan_param_groups(model: nn.Module, lr: float, kan_lr: float, weight_decay: float = 0.0) -> list[dict]:

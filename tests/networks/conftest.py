@@ -1,4 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
+"""Fixtures of the network tests."""
+
+from __future__ import annotations
+
 import pytest
 import torch
 

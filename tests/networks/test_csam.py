@@ -1,4 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
+"""CSAM (networks.blocks.CSAM) and the CSAM U-Net (networks.CSAMUNet): any slice count, volumes kept apart, the
+stochastic slice attention and Monte-Carlo inference, parameter counts, TorchScript."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +9,8 @@ import math
 import pytest
 import torch
 from monai.utils import set_determinism
-from parameterized import parameterized
 
+from networks import create_network
 from networks.blocks.csam import CSAM
 from networks.nets.csam_unet import CSAMUNet
 
@@ -51,7 +54,7 @@ def _count(module: torch.nn.Module, key: str = "") -> int:
 
 
 class TestCSAMBlock:
-    @parameterized.expand(CSAM_CASES)
+    @pytest.mark.parametrize("args, spatial", CSAM_CASES)
     def test_shape_any_slice_count(self, args, spatial):
         block = CSAM(**args).eval()
         channels = args["in_channels"]
@@ -91,14 +94,15 @@ class TestCSAMBlock:
         slice_att = (64 * 4 * 3 + 4) + (4 * 3 + 1) * 2 + (4 * 5 * 3 + 5)
         assert _count(CSAM(32)) == semantic + positional + slice_att
 
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "args",
         [
-            [{"in_channels": 0}],
-            [{"in_channels": 4, "semantic": False, "positional": False, "slice_attention": False}],
-            [{"in_channels": 4, "slice_kernel_size": 2}],
-            [{"in_channels": 4, "rank": 0}],
-            [{"in_channels": 4, "spatial_dims": 4}],
-        ]
+            {"in_channels": 0},
+            {"in_channels": 4, "semantic": False, "positional": False, "slice_attention": False},
+            {"in_channels": 4, "slice_kernel_size": 2},
+            {"in_channels": 4, "rank": 0},
+            {"in_channels": 4, "spatial_dims": 4},
+        ],
     )
     def test_bad_arguments(self, args):
         with pytest.raises(ValueError):
@@ -113,7 +117,7 @@ class TestCSAMBlock:
 
 
 class TestCSAMUNet:
-    @parameterized.expand(NET_CASES)
+    @pytest.mark.parametrize("args, input_shape, expected_shape", NET_CASES)
     def test_shape(self, args, input_shape, expected_shape):
         net = CSAMUNet(**args).eval()
         with torch.no_grad():
@@ -161,7 +165,7 @@ class TestCSAMUNet:
         for name, p in net.named_parameters():
             assert p.grad is not None, name
 
-    @parameterized.expand([[3], [1]])
+    @pytest.mark.parametrize("out_channels", [3, 1])
     def test_monte_carlo(self, out_channels):
         net = CSAMUNet(1, out_channels, channels=TINY).eval()
         x = torch.randn(2, 1, 8, 8, 5)
@@ -200,16 +204,22 @@ class TestCSAMUNet:
         assert overhead == sum(_count(level.csam) for level in with_csam.encoder) == 12_671
         assert overhead / _count(with_csam) < 0.03
 
+    def test_paper_configuration(self):
+        with torch.device("meta"):  # shapes only: the counts need no weights
+            net = create_network("csam_unet_paper")
+        assert _count(net) == 141_134_499 and sum(_count(level.csam) for level in net.encoder) == 2_805_984
+
     def test_host_matches_released_unet(self):
         # the released 5-level, base-64 host U-Net counted without CSAM: 34.72 M - 0.208 M
         assert _count(CSAMUNet(1, 3, channels=(64, 128, 256, 512, 1024), use_csam=False)) == 34_512_323
 
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "args",
         [
-            [{"in_channels": 1, "out_channels": 2, "channels": (8,)}],
-            [{"in_channels": 0, "out_channels": 2}],
-            [{"in_channels": 1, "out_channels": 2, "dropout": 1.0}],
-        ]
+            {"in_channels": 1, "out_channels": 2, "channels": (8,)},
+            {"in_channels": 0, "out_channels": 2},
+            {"in_channels": 1, "out_channels": 2, "dropout": 1.0},
+        ],
     )
     def test_bad_arguments(self, args):
         with pytest.raises(ValueError):
@@ -222,7 +232,7 @@ class TestCSAMUNet:
         with pytest.raises(ValueError):
             net(torch.randn(1, 1, 8, 8))
 
-    @parameterized.expand([[True], [False]])
+    @pytest.mark.parametrize("use_csam", [True, False])
     def test_torchscript(self, use_csam):
         net = CSAMUNet(1, 2, channels=TINY, use_csam=use_csam, dropout=0.1).eval()
         scripted = torch.jit.script(net)

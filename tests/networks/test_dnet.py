@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
+"""D-Net (networks.DNet) and its blocks, DLK and DFF: shapes, the paper's and the official code's configurations,
+TorchScript, activation checkpointing."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from monai.networks import eval_mode, train_mode
-from parameterized import parameterized
 
+from networks import create_network
 from networks.blocks.dff import DFF
 from networks.blocks.dlk import DLK, DLKAttention, DLKBlock
 from networks.nets.dnet import DNet
@@ -13,7 +16,6 @@ from networks.nets.dnet import DNet
 TINY = (8, 16, 32, 64, 128)
 OFFICIAL_PARAMS = 39_279_174  # official HEAD code, in_channels=1, 16 classes
 PAPER_DEFAULT_PARAMS = 39_292_518  # + a LayerNorm and a layer scale per DLK sub-block, + one salience BatchNorm
-OFFICIAL_QUIRKS = {"per_branch_selection": False, "shared_norm": True}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
@@ -32,51 +34,45 @@ BLOCK_CASES = [
 ]
 
 
-@parameterized.expand(BLOCK_CASES)
+@pytest.mark.parametrize("block, kwargs, shape", BLOCK_CASES)
 def test_dlk_shapes(block, kwargs, shape):
     net = block(**kwargs)
     with eval_mode(net):
         assert net(torch.randn(shape)).shape == shape
 
 
-@parameterized.expand([[3, (2, 8, 9, 10, 11)], [2, (2, 8, 13, 7)]])
+@pytest.mark.parametrize("spatial_dims, shape", [[3, (2, 8, 9, 10, 11)], [2, (2, 8, 13, 7)]])
 def test_dff_shape(spatial_dims, shape):
     net = DFF(spatial_dims, shape[1])
     with eval_mode(net):
         assert net(torch.randn(shape), torch.randn(shape)).shape == shape
 
 
-@parameterized.expand([[DLK, 3, 7], [DLK, 1, 8], [DLKBlock, 4, 8], [DFF, 1, 8]])
+@pytest.mark.parametrize("block, spatial_dims, channels", [[DLK, 3, 7], [DLK, 1, 8], [DLKBlock, 4, 8], [DFF, 1, 8]])
 def test_block_bad_args(block, spatial_dims, channels):
     with pytest.raises(ValueError):
         block(spatial_dims, channels)
 
 
+# (registered configuration, overrides, input shape, output shape), all at the TINY widths
 NET_CASES = [
-    [{"spatial_dims": 3, "in_channels": 1, "out_channels": 3}, (1, 1, 32, 32, 32), (1, 3, 32, 32, 32)],
-    [
-        {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "depths": (1, 1, 2, 1, 1), **OFFICIAL_QUIRKS},
-        (2, 2, 64, 32, 32),
-        (2, 4, 64, 32, 32),
-    ],
-    [
-        {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "deep_supervision": False},
-        (1, 1, 32, 64, 32),
-        (1, 2, 32, 64, 32),
-    ],
-    [{"spatial_dims": 2, "in_channels": 3, "out_channels": 2}, (2, 3, 64, 32), (2, 2, 64, 32)],
+    ["dnet_paper", {"out_channels": 3}, (1, 1, 32, 32, 32), (1, 3, 32, 32, 32)],
+    ["dnet_official", {"in_channels": 2, "out_channels": 4, "depths": (1, 1, 2, 1, 1)}, (2, 2, 64, 32, 32),
+     (2, 4, 64, 32, 32)],
+    ["dnet_paper", {"out_channels": 2, "deep_supervision": False}, (1, 1, 32, 64, 32), (1, 2, 32, 64, 32)],
+    ["dnet_paper", {"spatial_dims": 2, "in_channels": 3, "out_channels": 2}, (2, 3, 64, 32), (2, 2, 64, 32)],
 ]
 
 
-@parameterized.expand(NET_CASES)
-def test_dnet_eval_shape(kwargs, input_shape, expected_shape):
-    net = DNet(channels=TINY, **kwargs)
+@pytest.mark.parametrize("name, kwargs, input_shape, expected_shape", NET_CASES)
+def test_dnet_eval_shape(name, kwargs, input_shape, expected_shape):
+    net = create_network(name, channels=TINY, **kwargs)
     with eval_mode(net):
         out = net(torch.randn(input_shape))
     assert isinstance(out, torch.Tensor) and out.shape == expected_shape
 
 
-@parameterized.expand([[3, (1, 1, 64, 32, 32)], [2, (2, 1, 64, 32)]])
+@pytest.mark.parametrize("spatial_dims, input_shape", [[3, (1, 1, 64, 32, 32)], [2, (2, 1, 64, 32)]])
 def test_dnet_deep_supervision_outputs(spatial_dims, input_shape):
     net = DNet(spatial_dims, 1, 3, channels=TINY)
     with train_mode(net):
@@ -93,23 +89,24 @@ def test_dnet_without_deep_supervision_returns_tensor_in_training():
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 32, 32, 32)
 
 
-@parameterized.expand([[(1, 1, 32, 32, 40)], [(1, 1, 48, 48, 48)], [(1, 1, 32, 32)]])
+@pytest.mark.parametrize("input_shape", [(1, 1, 32, 32, 40), (1, 1, 48, 48, 48), (1, 1, 32, 32)])
 def test_dnet_bad_input_raises(input_shape):
     net = DNet(3, 1, 2, channels=TINY)
     with eval_mode(net), pytest.raises(ValueError):
         net(torch.randn(input_shape))
 
 
-@parameterized.expand(
+@pytest.mark.parametrize(
+    "kwargs",
     [
-        [{"channels": (8, 16, 32, 64)}],
-        [{"channels": (8, 16, 32, 64, 127)}],
-        [{"channels": TINY, "depths": (2, 2, 2)}],
-        [{"channels": TINY, "depths": 0}],
-        [{"channels": TINY, "spatial_dims": 1}],
-        [{"channels": TINY, "dropout": 1.5}],
-        [{"channels": TINY, "drop_path_rate": -0.1}],
-    ]
+        {"channels": (8, 16, 32, 64)},
+        {"channels": (8, 16, 32, 64, 127)},
+        {"channels": TINY, "depths": (2, 2, 2)},
+        {"channels": TINY, "depths": 0},
+        {"channels": TINY, "spatial_dims": 1},
+        {"channels": TINY, "dropout": 1.5},
+        {"channels": TINY, "drop_path_rate": -0.1},
+    ],
 )
 def test_dnet_bad_args(kwargs):
     with pytest.raises(ValueError):
@@ -117,8 +114,9 @@ def test_dnet_bad_args(kwargs):
 
 
 def test_parameter_counts():
-    default = num_params(DNet(3, 1, 16))
-    official = num_params(DNet(3, 1, 16, **OFFICIAL_QUIRKS))
+    with torch.device("meta"):  # shapes only: the counts need no weights
+        default = num_params(create_network("dnet_paper"))
+        official = num_params(create_network("dnet_official", out_channels=16))
     assert official == OFFICIAL_PARAMS
     assert default == PAPER_DEFAULT_PARAMS
     assert abs(default - OFFICIAL_PARAMS) <= 0.01 * OFFICIAL_PARAMS
@@ -179,10 +177,10 @@ def test_checkpointing_gives_same_gradients():
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-7), name
 
 
-@parameterized.expand([[{}], [OFFICIAL_QUIRKS]])
-def test_torchscript_and_trace_match_eager(quirks):
+@pytest.mark.parametrize("name", ["dnet_paper", "dnet_official"])
+def test_torchscript_and_trace_match_eager(name):
     torch.manual_seed(0)
-    net = DNet(3, 1, 3, channels=TINY, layer_scale_init=0.5, dropout=0.2, **quirks)
+    net = create_network(name, out_channels=3, channels=TINY, layer_scale_init=0.5, dropout=0.2)
     x = torch.randn(1, 1, 32, 32, 32)
     with eval_mode(net):
         expected = net(x)

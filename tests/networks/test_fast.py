@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from parameterized import parameterized
 from torch import nn
 
-from networks import UKAN, DNet, TransUNet
+from networks import DNet, create_network
 from networks.blocks.fast import FastConv2d, FastConv3d, FastConvTranspose2d, FastConvTranspose3d, plain_ops
 from networks.blocks.kan import KANConv, KANLinear, b_spline_bases, even_b_spline_bases
 
@@ -75,7 +74,7 @@ CONV_CASES = [
 ]
 
 
-@parameterized.expand(CONV_CASES)
+@pytest.mark.parametrize("layer_type, kwargs, shape", CONV_CASES)
 def test_fast_conv_matches_plain_conv(layer_type, kwargs, shape):
     torch.manual_seed(0)
     layer = layer_type(**{"out_channels": kwargs["in_channels"], **kwargs})
@@ -94,7 +93,7 @@ def test_depthwise_fast_path_is_taken_in_3d():
     assert FastConv2d(4, 4, 3, padding=1, groups=4)(x[..., 0]).grad_fn.name() == "ConvolutionBackward0"
 
 
-@parameterized.expand([[3], [2], [1], [0]])
+@pytest.mark.parametrize("spline_order", [3, 2, 1, 0])
 def test_even_bases_match_cox_de_boor(spline_order):
     torch.manual_seed(0)
     layer = KANLinear(5, 3, grid_size=5, spline_order=spline_order)
@@ -149,27 +148,27 @@ TINY_TRANSUNET = {
     "dropout_rate": 0.0,
 }
 SMALL_DNET = {"channels": (8, 16, 16, 16, 32), "layer_scale_init": 0.5}
-OFFICIAL_DNET = {"per_branch_selection": False, "shared_norm": True}
 SMALL_UKAN = {"channels": (16, 24, 32)}
+# (registered configuration, overrides that make it small, input)
 NETWORK_CASES = [
-    [DNet, {"spatial_dims": 3, **SMALL_DNET, **OFFICIAL_DNET}, (1, 1, 32, 32, 32)],
-    [DNet, {"spatial_dims": 3, **SMALL_DNET}, (2, 1, 32, 32, 32)],
-    [DNet, {"spatial_dims": 2, **SMALL_DNET}, (2, 1, 64, 32)],
-    [UKAN, {"spatial_dims": 2, "channels": (16, 24, 32)}, (2, 3, 64, 64)],
-    [UKAN, {"spatial_dims": 3, **SMALL_UKAN, "use_kan_conv": True, "token_shift": True}, (2, 1, 32, 32, 32)],
-    [TransUNet, TINY_TRANSUNET, (2, 1, 32, 48)],
+    ["dnet_official", SMALL_DNET, (1, 1, 32, 32, 32)],
+    ["dnet_paper", SMALL_DNET, (2, 1, 32, 32, 32)],
+    ["dnet_paper", {"spatial_dims": 2, **SMALL_DNET}, (2, 1, 64, 32)],
+    ["ukan_official", SMALL_UKAN, (2, 3, 64, 64)],
+    ["ukan_official", {"spatial_dims": 3, **SMALL_UKAN, "use_kan_conv": True, "token_shift": True}, (2, 1, 32, 32, 32)],
+    ["transunet_r50_vit_b16", TINY_TRANSUNET, (2, 1, 32, 48)],
 ]
 
 
-@parameterized.expand(NETWORK_CASES)
-def test_network_fast_path_matches_plain_path(network, kwargs, shape):
+@pytest.mark.parametrize("name, kwargs, shape", NETWORK_CASES)
+def test_network_fast_path_matches_plain_path(name, kwargs, shape):
     """
     The whole network in training mode: outputs (every deep-supervision head) and all gradients. The tolerance is
     that of PyTorch's channels-last BatchNorm, which computes batch statistics in one float32 pass (errors near
     1e-4 where a channel's mean is several standard deviations); the other fast paths agree to about 1e-5.
     """
     torch.manual_seed(0)
-    net = network(in_channels=shape[1], out_channels=3, **kwargs).train()
+    net = create_network(name, in_channels=shape[1], out_channels=3, **kwargs).train()
     x = torch.randn(shape)
     assert_same_numbers(net, x, rtol=1e-3)
     outs = net(x)
@@ -198,11 +197,11 @@ def test_deepcopy_and_double_keep_kan_layers_exact():
     assert layer.even_knots and not double.even_knots
 
 
-@parameterized.expand([[NETWORK_CASES[1]], [NETWORK_CASES[3]], [NETWORK_CASES[5]]])
+@pytest.mark.parametrize("case", [NETWORK_CASES[1], NETWORK_CASES[3], NETWORK_CASES[5]])
 def test_bf16_autocast_trains(case):
     """Under CPU bfloat16 autocast the custom autograd functions run in float32 and every parameter gets a gradient."""
-    network, kwargs, shape = case
-    net = network(in_channels=shape[1], out_channels=2, **kwargs).train()
+    name, kwargs, shape = case
+    net = create_network(name, in_channels=shape[1], out_channels=2, **kwargs).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(shape))
     sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()

@@ -1,21 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
+"""TransUNet (networks.TransUNet): shapes, the R50-ViT-B/16 configuration, its blocks (ResNetV2, ViT), and loading
+Google's R50+ViT-B_16.npz (a synthetic file with the release's names and layouts, tests.utils.make_vit_r50_npz)."""
+
 from __future__ import annotations
 
 import io
-import tempfile
-import unittest
 
 import numpy as np
+import pytest
 import torch
 from monai.networks import eval_mode, train_mode
-from parameterized import parameterized
 
+from networks import create_network
 from networks.blocks.resnetv2 import ResNetV2, StdConv2d
 from networks.blocks.vit import GridPositionEmbedding, MultiHeadSelfAttention
 from networks.nets.transunet import TransUNet
 from networks.nets.transunet_weights import load_vit_r50_npz
-
-torch.set_num_threads(1)
+from tests.utils import NPZ, make_vit_r50_npz, npz_model
 
 PAPER_PARAMETERS = 105_277_081  # R50-ViT-B/16, 9 classes, official code
 
@@ -45,56 +46,60 @@ def tiny(in_channels: int = 1, out_channels: int = 3, img_size=64, **kwargs) -> 
     torch.manual_seed(0)
     return TransUNet(in_channels, out_channels, img_size, **{**TINY, **kwargs})
 
-class TestTransUNet(unittest.TestCase):
-    @parameterized.expand(SHAPE_CASES)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/networks/conftest.py
+
+
+class TestTransUNet:
+    @pytest.mark.parametrize("in_channels, out_channels, img_size, n_skip, size", SHAPE_CASES)
     def test_output_shape(self, in_channels, out_channels, img_size, n_skip, size):
         net = tiny(in_channels, out_channels, img_size, n_skip=n_skip)
         with eval_mode(net):
             out = net(torch.randn(2, in_channels, *size))
-        self.assertEqual(out.shape, (2, out_channels, *size))
+        assert out.shape == (2, out_channels, *size)
 
-    @parameterized.expand([((1, 1, 60, 64),), ((1, 1, 64, 72),), ((1, 64, 64),)])
+    @pytest.mark.parametrize("shape", [(1, 1, 60, 64), (1, 1, 64, 72), (1, 64, 64)])
     def test_input_not_divisible_by_16_raises(self, shape):
         net = tiny()
-        with eval_mode(net), self.assertRaisesRegex(ValueError, "divisible by 16"):
+        with eval_mode(net), pytest.raises(ValueError, match="divisible by 16"):
             net(torch.randn(*shape))
 
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "kwargs",
         [
-            ({"img_size": 100},),
-            ({"num_heads": 5},),
-            ({"n_skip": 4},),
-            ({"decoder_channels": (32, 16, 8)},),
-            ({"resnet_block_units": (1, 1)},),
-            ({"dropout": 1.5},),
-            ({"dropout_rate": -0.1},),
-        ]
+            {"img_size": 100},
+            {"num_heads": 5},
+            {"n_skip": 4},
+            {"decoder_channels": (32, 16, 8)},
+            {"resnet_block_units": (1, 1)},
+            {"dropout": 1.5},
+            {"dropout_rate": -0.1},
+        ],
     )
     def test_invalid_arguments_raise(self, kwargs):
-        with self.assertRaises(ValueError):
+        with pytest.raises(ValueError):
             TransUNet(1, 2, **{**TINY, **kwargs})
 
     def test_paper_parameter_count(self):
-        net = TransUNet(in_channels=3, out_channels=9, img_size=224)
+        net = create_network("transunet_r50_vit_b16")
         count = sum(p.numel() for p in net.parameters())
-        self.assertLessEqual(abs(count - PAPER_PARAMETERS), 0.01 * PAPER_PARAMETERS)
-        self.assertEqual(sum(p.numel() for p in net.transformer.parameters()), 85_056_000)
+        assert abs(count - PAPER_PARAMETERS) <= 0.01 * PAPER_PARAMETERS
+        assert sum(p.numel() for p in net.transformer.parameters()) == 85_056_000
 
     def test_gradients_reach_all_parameters(self):
         net = tiny(dropout=0.1)
         with train_mode(net):
             net(torch.randn(2, 1, 64, 96)).square().mean().backward()
         missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-        self.assertEqual(missing, [])
+        assert missing == []
 
     def test_dropout_argument(self):
         net = tiny(dropout=0.5, dropout_rate=0.2, attention_dropout_rate=0.1)
-        self.assertEqual(net.dropout.p, 0.5)
+        assert net.dropout.p == 0.5
         x = torch.randn(1, 1, 64, 64)
         with train_mode(net):
-            self.assertFalse(torch.allclose(net(x), net(x)))
+            assert not torch.allclose(net(x), net(x))
         with eval_mode(net):
-            self.assertTrue(torch.equal(net(x), net(x)))
+            assert torch.equal(net(x), net(x))
 
     def test_torchscript_matches_eager(self):
         net = tiny(n_skip=2)
@@ -109,16 +114,16 @@ class TestTransUNet(unittest.TestCase):
             torch.testing.assert_close(torch.jit.load(buffer)(x), expected)
 
 
-class TestTransUNetBlocks(unittest.TestCase):
+class TestTransUNetBlocks:
     def test_resnetv2_feature_strides_2d_and_3d(self):
         net = ResNetV2(2, 1, (1, 2, 1), 0.5)
         with eval_mode(net):
             shapes = [tuple(f.shape) for f in net(torch.randn(1, 1, 48, 80))]
-        self.assertEqual(shapes, [(1, 32, 24, 40), (1, 128, 12, 20), (1, 256, 6, 10), (1, 512, 3, 5)])
+        assert shapes == [(1, 32, 24, 40), (1, 128, 12, 20), (1, 256, 6, 10), (1, 512, 3, 5)]
         net = ResNetV2(3, 1, (1, 1), 0.5)
         with eval_mode(net):
             shapes = [tuple(f.shape) for f in net(torch.randn(1, 1, 16, 16, 32))]
-        self.assertEqual(shapes, [(1, 32, 8, 8, 16), (1, 128, 4, 4, 8), (1, 256, 2, 2, 4)])
+        assert shapes == [(1, 32, 8, 8, 16), (1, 128, 4, 4, 8), (1, 256, 2, 2, 4)]
 
     def test_std_conv_is_invariant_to_filter_affine_rescaling(self):
         conv = StdConv2d(4, 8, 3, padding=1, bias=False, eps=1e-12)
@@ -131,7 +136,7 @@ class TestTransUNetBlocks(unittest.TestCase):
     def test_position_embedding_resize_keeps_corners(self):
         embed = GridPositionEmbedding((4, 4), hidden_size=8)
         tokens = embed(torch.zeros(1, 8, 6, 10))
-        self.assertEqual(tokens.shape, (1, 60, 8))
+        assert tokens.shape == (1, 60, 8)
         table = embed.position_embedding[0].reshape(4, 4, 8)
         resized = tokens[0].reshape(6, 10, 8)
         for (i, j), (k, m) in [((0, 0), (0, 0)), ((0, 3), (0, 9)), ((3, 0), (5, 0)), ((3, 3), (5, 9))]:
@@ -141,109 +146,25 @@ class TestTransUNetBlocks(unittest.TestCase):
         attn = MultiHeadSelfAttention(16, 4, dropout_rate=0.5, attention_dropout_rate=0.5)
         x = torch.randn(2, 5, 16)
         with eval_mode(attn):
-            self.assertTrue(torch.equal(attn(x), attn(x)))
+            assert torch.equal(attn(x), attn(x))
         with train_mode(attn):
-            self.assertFalse(torch.allclose(attn(x), attn(x)))
+            assert not torch.allclose(attn(x), attn(x))
 
 
 # ---- loading the ImageNet-21k R50+ViT-B/16 .npz (synthetic file with the names and layouts of the release) ----
+class TestLoadViTR50Npz:
+    @pytest.fixture(autouse=True)
+    def _npz_path(self, tmp_path):
+        self.path = tmp_path / "R50+ViT-B_16.npz"
 
-NPZ = {"hidden": 64, "layers": 2, "heads": 4, "mlp": 128, "width": 32, "units": (2, 1, 1), "grid": 14}
-
-
-def npz_model(in_channels: int = 3, img_size: int = 224) -> TransUNet:
-    torch.manual_seed(0)
-    return TransUNet(
-        in_channels,
-        9,
-        img_size,
-        hidden_size=NPZ["hidden"],
-        num_layers=NPZ["layers"],
-        num_heads=NPZ["heads"],
-        mlp_dim=NPZ["mlp"],
-        resnet_block_units=NPZ["units"],
-        resnet_width_factor=NPZ["width"] / 64,
-        decoder_channels=(32, 16, 16, 8),
-        decoder_head_channels=64,
-    )
-
-
-def make_vit_r50_npz(path, drop: str | None = None, reshape: tuple[str, tuple] | None = None) -> dict:
-    """Random arrays named and shaped as in Google's ``R50+ViT-B_16.npz`` (Flax HWIO / (in, out) layouts)."""
-    rng = np.random.default_rng(0)
-    hidden, heads, mlp, width = NPZ["hidden"], NPZ["heads"], NPZ["mlp"], NPZ["width"]
-    head_dim = hidden // heads
-    arrays = {}
-
-    def put(name, *shape):
-        arrays[name] = rng.standard_normal(shape).astype(np.float32)
-
-    put("conv_root/kernel", 7, 7, 3, width)
-    put("gn_root/scale", width)
-    put("gn_root/bias", width)
-    in_ch = width
-    for block, units in enumerate(NPZ["units"], start=1):
-        mid = width * 2 ** (block - 1)
-        out = 4 * mid
-        for unit in range(1, units + 1):
-            prefix = f"block{block}/unit{unit}"
-            put(f"{prefix}/conv1/kernel", 1, 1, in_ch, mid)
-            put(f"{prefix}/conv2/kernel", 3, 3, mid, mid)
-            put(f"{prefix}/conv3/kernel", 1, 1, mid, out)
-            norms = [("gn1", mid), ("gn2", mid), ("gn3", out)]
-            if unit == 1:
-                put(f"{prefix}/conv_proj/kernel", 1, 1, in_ch, out)
-                norms.append(("gn_proj", out))
-            for name, channels in norms:
-                put(f"{prefix}/{name}/scale", channels)
-                put(f"{prefix}/{name}/bias", channels)
-            in_ch = out
-    put("embedding/kernel", 1, 1, in_ch, hidden)
-    put("embedding/bias", hidden)
-    put("Transformer/posembed_input/pos_embedding", 1, 1 + NPZ["grid"] ** 2, hidden)
-    for layer in range(NPZ["layers"]):
-        prefix = f"Transformer/encoderblock_{layer}"
-        for name in ("query", "key", "value"):
-            put(f"{prefix}/MultiHeadDotProductAttention_1/{name}/kernel", hidden, heads, head_dim)
-            put(f"{prefix}/MultiHeadDotProductAttention_1/{name}/bias", heads, head_dim)
-        put(f"{prefix}/MultiHeadDotProductAttention_1/out/kernel", heads, head_dim, hidden)
-        put(f"{prefix}/MultiHeadDotProductAttention_1/out/bias", hidden)
-        put(f"{prefix}/MlpBlock_3/Dense_0/kernel", hidden, mlp)
-        put(f"{prefix}/MlpBlock_3/Dense_0/bias", mlp)
-        put(f"{prefix}/MlpBlock_3/Dense_1/kernel", mlp, hidden)
-        put(f"{prefix}/MlpBlock_3/Dense_1/bias", hidden)
-        for norm in ("LayerNorm_0", "LayerNorm_2"):
-            put(f"{prefix}/{norm}/scale", hidden)
-            put(f"{prefix}/{norm}/bias", hidden)
-    put("Transformer/encoder_norm/scale", hidden)
-    put("Transformer/encoder_norm/bias", hidden)
-    put("cls", 1, 1, hidden)
-    put("head/kernel", hidden, 21843)
-    put("head/bias", 21843)
-
-    if drop is not None:
-        del arrays[drop]
-    if reshape is not None:
-        put(*reshape[:1], *reshape[1])
-    np.savez(path, **arrays)
-    return arrays
-
-
-class TestLoadViTR50Npz(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.path = f"{self.tmp.name}/R50+ViT-B_16.npz"
-
-    def tearDown(self):
-        self.tmp.cleanup()
-
-    def assert_loaded(self, tensor, array):
+    @staticmethod
+    def assert_loaded(tensor, array):
         torch.testing.assert_close(tensor.detach(), torch.from_numpy(np.ascontiguousarray(array)))
 
     def test_tensors_land_in_place(self):
         arrays = make_vit_r50_npz(self.path)
         net = npz_model()
-        self.assertEqual(net.load_from_npz(self.path), ["cls", "head/bias", "head/kernel"])
+        assert net.load_from_npz(self.path) == ["cls", "head/bias", "head/kernel"]
 
         hwio_to_oihw = (3, 2, 0, 1)
         self.assert_loaded(net.resnet.root_conv.weight, arrays["conv_root/kernel"].transpose(hwio_to_oihw))
@@ -305,24 +226,25 @@ class TestLoadViTR50Npz(unittest.TestCase):
         make_vit_r50_npz(self.path, drop=key)
         net = npz_model()
         before = {name: p.detach().clone() for name, p in net.named_parameters()}
-        with self.assertRaisesRegex(KeyError, key):
+        with pytest.raises(KeyError, match=key):
             net.load_from_npz(self.path)
-        self.assertTrue(all(torch.equal(p, before[name]) for name, p in net.named_parameters()))
+        assert all(torch.equal(p, before[name]) for name, p in net.named_parameters())
 
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "key, shape",
         [
             ("block2/unit1/conv2/kernel", (3, 3, 64, 32)),
             ("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel", (64, 8, 8)),
             ("Transformer/posembed_input/pos_embedding", (1, 200, 64)),
             ("gn_root/bias", (16,)),
-        ]
+        ],
     )
     def test_misshaped_key_is_named(self, key, shape):
         make_vit_r50_npz(self.path, reshape=(key, shape))
-        with self.assertRaisesRegex(ValueError, key):
+        with pytest.raises(ValueError, match=key):
             npz_model().load_from_npz(self.path)
 
     def test_other_input_channels_are_rejected(self):
         make_vit_r50_npz(self.path)
-        with self.assertRaisesRegex(ValueError, "conv_root/kernel"):
+        with pytest.raises(ValueError, match="conv_root/kernel"):
             npz_model(in_channels=1).load_from_npz(self.path)

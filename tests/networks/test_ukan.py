@@ -1,4 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
+"""U-KAN (networks.UKAN) and its KAN layers: B-splines against scipy, the official configuration's counts, token
+shift, KAN convolutions, parameter groups, TorchScript."""
+
 from __future__ import annotations
 
 import io
@@ -8,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from monai.networks import eval_mode
-from parameterized import parameterized
 from torch import nn
 
+from networks import create_network
 from networks.blocks.kan import KANConv, KANLinear, b_spline_bases
 from networks.nets.ukan import KANBlock, TokenShift, UKAN, ukan_param_groups
 
@@ -73,7 +76,7 @@ class TestKANLinear:
         with pytest.raises(ValueError):
             layer(torch.randn(3, 5))
 
-    @parameterized.expand([[5, 3], [3, 2], [7, 1]])
+    @pytest.mark.parametrize("grid_size, spline_order", [[5, 3], [3, 2], [7, 1]])
     def test_matches_scipy_reference(self, grid_size, spline_order):
         torch.manual_seed(0)
         layer = KANLinear(3, 2, grid_size=grid_size, spline_order=spline_order).double()
@@ -127,13 +130,14 @@ class TestKANLinear:
 
 
 class TestKANConv:
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "spatial_dims, conv_args, in_shape, out_shape",
         [
             [2, {"kernel_size": 3, "padding": 1}, (2, 4, 8, 8), (2, 6, 8, 8)],
             [2, {"kernel_size": 3, "stride": 2, "padding": 1}, (2, 4, 8, 8), (2, 6, 4, 4)],
             [3, {"kernel_size": 3, "padding": 1}, (1, 4, 6, 6, 6), (1, 6, 6, 6, 6)],
             [3, {"kernel_size": 1}, (1, 4, 5, 6, 7), (1, 6, 5, 6, 7)],
-        ]
+        ],
     )
     def test_shape_and_grad(self, spatial_dims, conv_args, in_shape, out_shape):
         conv = KANConv(spatial_dims, 4, 6, **conv_args)
@@ -177,7 +181,7 @@ class TestKANConv:
 
 
 class TestTokenShift:
-    @parameterized.expand([[2, 0], [2, 1], [3, 0], [3, 2]])
+    @pytest.mark.parametrize("spatial_dims, axis", [[2, 0], [2, 1], [3, 0], [3, 2]])
     def test_matches_reference(self, spatial_dims, axis):
         shift = TokenShift(spatial_dims, axis, shift_size=5)
         x = torch.randn((2, 7) + (6,) * spatial_dims)
@@ -199,15 +203,15 @@ class TestTokenShift:
 
 
 class TestUKAN:
-    @parameterized.expand(SHAPE_CASES)
+    @pytest.mark.parametrize("args, in_shape, out_shape", SHAPE_CASES)
     def test_shape(self, args, in_shape, out_shape):
         net = UKAN(channels=SMALL_DIMS, **args)
         with eval_mode(net):
             assert net(torch.randn(in_shape)).shape == out_shape
 
-    @parameterized.expand(PARAM_COUNT_CASES)
+    @pytest.mark.parametrize("options, expected, expected_kan", PARAM_COUNT_CASES)
     def test_param_count(self, options, expected, expected_kan):
-        net = UKAN(spatial_dims=2, in_channels=3, out_channels=1, channels=(128, 160, 256), **options)
+        net = create_network("ukan_official", **options)
         assert count(net) == expected
         assert kan_count(net) == expected_kan
 
@@ -247,7 +251,7 @@ class TestUKAN:
         mlp_groups = ukan_param_groups(UKAN(2, 3, 1, channels=SMALL_DIMS, use_kan=False), 1e-4, 1e-2)
         assert len(mlp_groups) == 1 and mlp_groups[0]["lr"] == 1e-4
 
-    @parameterized.expand([[2, (1, 2, 64, 64)], [3, (1, 2, 32, 32, 32)]])
+    @pytest.mark.parametrize("spatial_dims, in_shape", [[2, (1, 2, 64, 64)], [3, (1, 2, 32, 32, 32)]])
     def test_script_matches_eager(self, spatial_dims, in_shape):
         options = {"token_shift": True, "use_kan_conv": True, "drop_path_rate": 0.1, "dropout": 0.1}
         net = UKAN(spatial_dims, 2, 2, channels=SMALL_DIMS, **options)
@@ -260,7 +264,7 @@ class TestUKAN:
             loaded = torch.jit.load(buffer)
             torch.testing.assert_close(loaded(x), net(x))
 
-    @parameterized.expand([[2, (2, 1, 32, 64)], [3, (2, 1, 32, 32, 32)]])
+    @pytest.mark.parametrize("spatial_dims, in_shape", [[2, (2, 1, 32, 64)], [3, (2, 1, 32, 32, 32)]])
     def test_gradients_reach_all_parameters(self, spatial_dims, in_shape):
         torch.manual_seed(0)
         net = UKAN(spatial_dims, 1, 2, channels=SMALL_DIMS, token_shift=True, use_kan_conv=True, depths=(1, 2, 1))
@@ -281,22 +285,23 @@ class TestUKAN:
         loss = net.regularization_loss()
         assert loss.ndim == 0 and loss.item() > 0 and loss.requires_grad
 
-    @parameterized.expand([[(1, 1, 48, 64)], [(1, 1, 64, 64, 40)]])
+    @pytest.mark.parametrize("in_shape", [(1, 1, 48, 64), (1, 1, 64, 64, 40)])
     def test_size_not_divisible(self, in_shape):
         net = UKAN(len(in_shape) - 2, 1, 1, channels=SMALL_DIMS)
         with pytest.raises(ValueError, match="divisible by 32"):
             net(torch.randn(in_shape))
 
-    @parameterized.expand(
+    @pytest.mark.parametrize(
+        "overrides",
         [
-            [{"spatial_dims": 1}],
-            [{"channels": (12, 24, 32)}],
-            [{"channels": (16, 32)}],
-            [{"depths": (1, 1)}],
-            [{"depths": (1, 0, 1)}],
-            [{"token_shift": True, "shift_size": 4}],
-            [{"dropout": 1.5}],
-        ]
+            {"spatial_dims": 1},
+            {"channels": (12, 24, 32)},
+            {"channels": (16, 32)},
+            {"depths": (1, 1)},
+            {"depths": (1, 0, 1)},
+            {"token_shift": True, "shift_size": 4},
+            {"dropout": 1.5},
+        ],
     )
     def test_invalid_args(self, overrides):
         args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": SMALL_DIMS, **overrides}
