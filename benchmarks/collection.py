@@ -47,7 +47,9 @@ import csv
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +64,9 @@ from bundletools.bundles import default_task, short_names
 REPO = Path(__file__).resolve().parents[1]
 
 ISO, THICK = "Task04_Hippocampus", "Task04_Hippocampus_thick3mm"
+NNUNET_DIR = REPO / "benchmarks" / "nnunet"  # the nnU-Net side, run in nnU-Net's venv; also its nnUNet_extTrainer
+NNUNET_VENV_PYTHON = REPO / ".venv-nnunet" / "bin" / "python"  # bash scripts/setup_nnunet.sh
+NNUNET_DATASET_ID = 4  # each entry has its own nnU-Net folders, so the id only names the dataset there
 
 # MONAI built-ins, configured as their MONAI tutorials/docs configure them for a 3D patch of 48^3 at 1 mm.
 DYNUNET = {"_target_": "DynUNet", "spatial_dims": 3, "in_channels": "@in_channels", "out_channels": "@num_classes",
@@ -79,9 +84,10 @@ SWINUNETR = {"_target_": "SwinUNETR", "spatial_dims": 3, "in_channels": "@in_cha
 class Entry:
     key: str
     name: str
-    bundle: str
+    bundle: str  # the bundle trained; for nnU-Net, the bundle whose split (training and scored cases) it takes
     data: str  # ISO or THICK
     overrides: dict = field(default_factory=dict)  # config entries replaced (built-ins: the network)
+    runner: str = "bundle"  # "bundle", or "nnunet": nnU-Net v2 in its own venv (benchmarks/nnunet/nnunet_entry.py)
 
 
 # the names the tables and plots have always shown; another bundle shows under its folder's name
@@ -110,12 +116,14 @@ ENTRIES = [
           {"network_def": SWINUNETR, "roi_size": [64, 64, 64]}),
     *bundle_entries(THICK),
     Entry("unet_thick", "UNet (bundle), thick", "unet_segmentation", THICK),
+    Entry("nnunet", "nnU-Net v2 (3d_fullres)", "unet_segmentation", ISO, runner="nnunet"),
+    Entry("nnunet_thick", "nnU-Net v2 (3d_fullres), thick", "unet_segmentation", THICK, runner="nnunet"),
 ]
 
 THICK_KEYS = {e.key for e in ENTRIES if e.data == THICK}  # drawn dashed / square in the plots
 
 RUN_FIELDS = ["key", "network", "bundle", "training_data", "scored_on", "cases_scored", "budget", "budget_min",
-              "budget_epochs", "seed", "params", "epochs", "train_s", "s_per_epoch"]
+              "budget_epochs", "seed", "device", "params", "epochs", "train_s", "s_per_epoch"]
 TIME_FIELDS = ["infer_s_per_case", "infer_s_per_case_max", "status"]
 
 
@@ -182,9 +190,16 @@ def count_parameters(parser) -> int:
     return sum(p.numel() for p in network.parameters())
 
 
+def training_device(config) -> str:
+    """What a run with this config trains on, as results.csv records it: ``cpu`` or the GPU's name."""
+    import torch
+
+    device = torch.device(config.get_parsed_content("device"))
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def run_entry(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace, work: Path) -> dict:
     """Train one entry under one budget with one training seed in ``work``, score it and time its inference."""
-    configs = REPO / "bundles" / entry.bundle / "configs"
     inputs = _inputs(entry, budget, seed, args)
     data_dir, eval_dir = inputs["dataset_dir"], inputs["eval_dataset_dir"]
     overrides = [*args.overrides, "--seed", str(seed)]
@@ -192,9 +207,6 @@ def run_entry(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace,
     if work.exists():
         shutil.rmtree(work)  # a half-finished run starts again (the bundles would otherwise resume training)
     work.mkdir(parents=True)
-    override = work / "override.json"
-    override.write_text(json.dumps(entry.overrides, indent=1), encoding="utf-8")
-    common = ["--bundle_root", str(work), "--dataset_dir", data_dir, *overrides]
 
     # the cases scored: the bundle's validation split, or every labelled case of the entry's eval folder
     from bundletools import scoring_split
@@ -204,19 +216,26 @@ def run_entry(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace,
                                config.get_parsed_content("in_channels"))
     else:  # exactly the split the training run validates on (same expression, same overrides)
         scored = {"training": [], "validation": config.get_parsed_content("datalist")["validation"]}
-    scoring = work / "scoring.json"
-    scoring.write_text(json.dumps({"datalist": scored}, indent=1), encoding="utf-8")
-    to_segment = work / "to_segment.json"
-    to_segment.write_text(json.dumps({"datalist": [{"image": d["image"]} for d in scored["validation"]]}, indent=1),
-                          encoding="utf-8")
-
     result = {"key": entry.key, "network": entry.name, "bundle": entry.bundle, "training_data": Path(data_dir).name,
               "inputs": inputs,
               "scored_on": (Path(eval_dir).name + " (all cases)") if eval_dir
               else Path(data_dir).name + " (validation split)", "cases_scored": len(scored["validation"]),
               "budget": budget.label, "budget_min": budget.value if budget.kind == "minutes" else None,
               "budget_epochs": budget.value if budget.kind == "epochs" else None, "seed": seed,
-              "params": count_parameters(config), "overrides": entry.overrides}
+              "device": training_device(config), "overrides": entry.overrides}
+    if entry.runner == "nnunet":
+        return run_nnunet(entry, budget, seed, args, work, config, scored, result)
+
+    configs = REPO / "bundles" / entry.bundle / "configs"
+    override = work / "override.json"
+    override.write_text(json.dumps(entry.overrides, indent=1), encoding="utf-8")
+    common = ["--bundle_root", str(work), "--dataset_dir", data_dir, *overrides]
+    scoring = work / "scoring.json"
+    scoring.write_text(json.dumps({"datalist": scored}, indent=1), encoding="utf-8")
+    to_segment = work / "to_segment.json"
+    to_segment.write_text(json.dumps({"datalist": [{"image": d["image"]} for d in scored["validation"]]}, indent=1),
+                          encoding="utf-8")
+    result["params"] = count_parameters(config)
 
     t0 = time.perf_counter()
     log = run_bundle(["run", "training", "--config_file", config_list(configs / "train.json", override),
@@ -252,6 +271,77 @@ def run_entry(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace,
     return result
 
 
+def run_nnunet(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace, work: Path, config,
+               scored: dict, result: dict) -> dict:
+    """nnU-Net v2 on the bundle's training cases under the same budget, in its own venv (``--nnunet_python``),
+    scored on the same cases with the same metrics (``benchmarks/scoring.py``).
+
+    Its steps are nnU-Net's own (``benchmarks/nnunet/nnunet_entry.py``): MSD conversion, fingerprint, plan and
+    ``3d_fullres`` preprocessing of the training cases (once per entry and case list, before the clock starts, as
+    the bundles read and cache their data before theirs), its trainer stopped at the budget (or its poly schedule
+    fitted to ``--epochs``, each epoch being nnU-Net's 250 iterations), its predictor on the scored images.
+    """
+    from benchmarks.scoring import score_segmentations
+
+    data = work.parents[1] / "nnunet_data"  # shared by the entry's budgets and seeds
+    name = re.sub(r"[^A-Za-z0-9]", "", result["training_data"])  # nnU-Net's MSD converter splits names at "_"
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "nnUNet_raw": str(data / "raw"),
+           "nnUNet_preprocessed": str(data / "preprocessed"), "nnUNet_results": str(work / "results"),
+           "nnUNet_extTrainer": str(NNUNET_DIR)}
+    cases = work / "cases.json"
+    cases.write_text(json.dumps({"training": config.get_parsed_content("datalist")["training"],
+                                 "validation": scored["validation"]}, indent=1), encoding="utf-8")
+    device = "cuda" if result["device"] != "cpu" else "cpu"
+    budget_args = ["--budget_s", str(budget.value * 60)] if budget.kind == "minutes" \
+        else ["--epochs", str(int(budget.value))]
+    if args.nnunet_iterations_per_epoch:
+        budget_args += ["--iterations_per_epoch", *map(str, args.nnunet_iterations_per_epoch)]
+
+    def step(*step_args: str) -> None:
+        log = work / f"nnunet_{step_args[0]}.log"
+        with open(log, "w", encoding="utf-8") as out:
+            proc = subprocess.run([args.nnunet_python, str(NNUNET_DIR / "nnunet_entry.py"), *step_args],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+        if proc.returncode != 0:
+            sys.exit(f"nnU-Net {step_args[0]} failed (exit {proc.returncode}); log: {log}\n"
+                     + log.read_text(encoding="utf-8", errors="replace")[-4000:])
+
+    step("prepare", "--cases", str(cases), "--msd_dir", result["inputs"]["dataset_dir"], "--dataset_id",
+         str(NNUNET_DATASET_ID), "--name", name)
+    t0 = time.perf_counter()
+    step("train", "--dataset_id", str(NNUNET_DATASET_ID), "--device", device, "--seed", str(seed), *budget_args,
+         "--result", str(work / "nnunet_train.json"))
+    result["train_s"] = round(time.perf_counter() - t0, 1)
+    trained = json.loads((work / "nnunet_train.json").read_text(encoding="utf-8"))
+    result.update(bundle=f"nnunetv2 {trained['nnunet_version']}", params=trained["params"],
+                  epochs=trained["epochs"], nnunet_plan={k: trained[k] for k in ("patch_size", "batch_size")})
+    result["s_per_epoch"] = round(mean(trained["epoch_s"]), 1) if trained["epoch_s"] else None
+    # nnU-Net validates on patches of its own training cases (fold "all"), so its curve has times but no Dice
+    result["curve"] = [{"epoch": i + 1, "elapsed_s": t, "val_dice": None} for i, t in enumerate(trained["elapsed_s"])]
+    if not trained["checkpoint"]:
+        result["status"] = "no epoch finished within the budget"
+        return result
+
+    step("predict", "--dataset_id", str(NNUNET_DATASET_ID), "--device", device, "--cases", str(cases),
+         "--out_dir", str(work / "segmentations"), "--result", str(work / "nnunet_predict.json"))
+    seconds = json.loads((work / "nnunet_predict.json").read_text(encoding="utf-8"))["seconds"]
+    pairs = [(work / "segmentations" / f"{case_name(c['image'])}_seg.nii.gz", c["label"]) for c in scored["validation"]]
+    label_names = config.get_parsed_content("label_names")
+    dice, hd95 = score_segmentations(pairs, work / "eval", len(label_names), label_names[1:])
+    result["dice"], result["hd95_mm"] = dice, hd95
+    result["dice_mean"], result["hd95_mean_mm"] = dice.get("mean"), hd95.get("mean")
+    result["infer_s_per_case"] = round(median(seconds.values()), 3)
+    result["infer_s_per_case_max"] = round(max(seconds.values()), 3)
+    result["status"] = "ok"
+    return result
+
+
+def case_name(image: str) -> str:
+    """A case's name as nnU-Net's runner writes it: the image file name without ``.nii.gz``/``.nii``."""
+    name = Path(image).name
+    return name.removesuffix(".gz").removesuffix(".nii")
+
+
 def _data_dir(entry: Entry, args: argparse.Namespace) -> str:
     return str(args.thick_dataset_dir if entry.data == THICK else args.dataset_dir)
 
@@ -265,8 +355,11 @@ def _eval_dir(entry: Entry, args: argparse.Namespace) -> str | None:
 
 def _inputs(entry: Entry, budget: Budget, seed: int, args: argparse.Namespace) -> dict:
     """What a kept result must have been run with: budget, training seed, data, scored folder, overrides."""
-    return {"budget": {budget.kind: budget.value}, "seed": seed, "overrides": args.overrides,
-            "eval_dataset_dir": _eval_dir(entry, args), "dataset_dir": _data_dir(entry, args)}
+    inputs = {"budget": {budget.kind: budget.value}, "seed": seed, "overrides": args.overrides,
+              "eval_dataset_dir": _eval_dir(entry, args), "dataset_dir": _data_dir(entry, args)}
+    if entry.runner == "nnunet" and args.nnunet_iterations_per_epoch:
+        inputs["nnunet_iterations_per_epoch"] = args.nnunet_iterations_per_epoch
+    return inputs
 
 
 def entry_seeds(entry: Entry, args: argparse.Namespace) -> list[int]:
@@ -344,18 +437,37 @@ def _train_min(r: dict) -> float | None:
     return r["curve"][-1]["elapsed_s"] / 60 if r.get("curve") else None
 
 
+def _run_key(row: dict) -> tuple[str, str, str, str]:
+    """What makes a run: entry, budget, training seed and device."""
+    return row["key"], row["budget"], str(row["seed"]), row["device"]
+
+
+def write_csv(results: list[dict], path: Path, classes: list[str]) -> None:
+    """``results.csv`` keeps one row per run, of this invocation and of earlier ones: a run done again (same
+    entry, budget, seed and device) replaces its row where it stood, a new one is added at the end, and the rows
+    of runs not done this time (other entries, budgets, seeds, another machine's device) stay."""
+    fields = [*RUN_FIELDS, "dice_mean", *[f"dice_{c}" for c in classes], "hd95_mean_mm",
+              *[f"hd95_{c}_mm" for c in classes], *TIME_FIELDS]
+    rows: dict[tuple, dict] = {}
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields += [c for c in reader.fieldnames or [] if c not in fields]
+            rows = {_run_key(row): row for row in reader}
+    for r in results:
+        row = dict(r) | {f"dice_{c}": r.get("dice", {}).get(c) for c in classes} \
+            | {f"hd95_{c}_mm": r.get("hd95_mm", {}).get(c) for c in classes}
+        rows[_run_key(row)] = row
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows.values())
+
+
 def write_tables(results: list[dict], out: Path, info: dict, command: str) -> None:
     classes = [c for r in results for c in r.get("dice", {}) if c != "mean"]
     classes = list(dict.fromkeys(classes))
-    fields = [*RUN_FIELDS, "dice_mean", *[f"dice_{c}" for c in classes], "hd95_mean_mm",
-              *[f"hd95_{c}_mm" for c in classes], *TIME_FIELDS]
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in results:  # one row per run: every seed of every budget
-            row = dict(r) | {f"dice_{c}": r.get("dice", {}).get(c) for c in classes} \
-                | {f"hd95_{c}_mm": r.get("hd95_mm", {}).get(c) for c in classes}
-            writer.writerow(row)
+    write_csv(results, out / "results.csv", classes)
 
     head = ["Network", "Trained on", "Budget", "Seeds", "Params", "Epochs", "Training min", "s / epoch",
             *[f"Dice {c}" for c in classes], "Dice mean", *[f"HD95 {c} (mm)" for c in classes], "HD95 mean (mm)",
@@ -436,10 +548,12 @@ def write_plots(results: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     floor = 0.5  # the curves differ above it; an epoch scoring lower is drawn on the floor as a triangle
-    top = max([0.9, *[p["val_dice"] + 0.02 for r in results for p in r["curve"]]])
+    # nnU-Net's curve has no Dice: it validates on patches of its own training cases
+    curves = {id(r) for r in results if r["curve"] and all(p["val_dice"] is not None for p in r["curve"])}
+    top = max([0.9, *[p["val_dice"] + 0.02 for r in results if id(r) in curves for p in r["curve"]]])
     for i, (budget, runs) in enumerate(groups):
         for j, r in enumerate(runs):  # each seed, in the entry's colour, named once
-            if r["curve"]:
+            if id(r) in curves:
                 minutes = [p["elapsed_s"] / 60 for p in r["curve"]]
                 dice = [p["val_dice"] for p in r["curve"]]
                 ax.plot(minutes, [max(d, floor) for d in dice], marker="o" if r["budget_min"] is not None else "s",
@@ -454,7 +568,8 @@ def write_plots(results: list[dict], out: Path) -> list[Path]:
            ylabel="validation mean Dice (bundle's training grid)",
            title=f"Dice against training time ({budgets}; \u25bc: below {floor})", ylim=(floor - 0.01, min(top, 1.0)))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
     paths.append(_save(fig, out / "dice_vs_training_time.png"))
 
     for file, x_key, xlabel, log_x in [  # log x: the points span one to two orders of magnitude
@@ -524,6 +639,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where each entry trains (kept; finished runs are not rerun)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark"), help="folder for the tables and plots")
     parser.add_argument("--force", action="store_true", help="rerun entries that already have a result")
+    parser.add_argument("--nnunet_python", default=str(NNUNET_VENV_PYTHON),
+                        help="the python of nnU-Net's venv, which runs the nnU-Net entries' steps (default: the one "
+                             "`bash scripts/setup_nnunet.sh` makes)")
+    parser.add_argument("--nnunet_iterations_per_epoch", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="shorter nnU-Net epochs than its 250 training and 50 validation iterations, for smoke "
+                             "tests on tiny budgets; the benchmark's rows keep nnU-Net's")
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.overrides = argv[split + 1 :]
@@ -564,6 +685,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if used and value and not (Path(value) / "dataset.json").is_file():
             parser.error(f"--{name} {value}: no dataset.json there (an MSD-layout folder is needed)")
+    nnunet = [e.key for e in args.entries if e.runner == "nnunet"]
+    if nnunet and not os.access(args.nnunet_python, os.X_OK):
+        parser.error(f"{', '.join(nnunet)}: nnU-Net's venv is missing (--nnunet_python {args.nnunet_python}); make it "
+                     "with `bash scripts/setup_nnunet.sh`, or leave these entries out with --only")
     return args
 
 
@@ -607,11 +732,13 @@ def main(argv: list[str] | None = None) -> None:
                 done = work_dir / entry.key / budget.folder / f"seed{seed}" / "result.json"
                 if done.is_file() and not args.force:
                     result = json.loads(done.read_text(encoding="utf-8"))
-                    if result.get("inputs") == _inputs(entry, budget, seed, args):
+                    # a result from before the device was recorded is run again rather than guessed
+                    if result.get("inputs") == _inputs(entry, budget, seed, args) and "device" in result:
                         print(f"{run}: kept the result in {done}", flush=True)
                         results.append(result)
                         continue
-                print(f"{run}: training {entry.name} ({entry.bundle}) ...", flush=True)
+                how = entry.bundle if entry.runner == "bundle" else f"nnU-Net v2 with {args.nnunet_python}"
+                print(f"{run}: training {entry.name} ({how}) ...", flush=True)
                 result = run_entry(entry, budget, seed, args, done.parent)
                 done.write_text(json.dumps(result, indent=1), encoding="utf-8")
                 print(f"{run}: {result['epochs']} epochs, Dice {_fmt(result.get('dice_mean'), 3)}, HD95 "

@@ -19,7 +19,8 @@ from PIL import Image
 
 from bundletools import training_split
 from bundletools.demo import make_synthetic_dataset
-from tests.utils import REPO, subprocess_env
+from benchmarks.scoring import score_segmentations
+from tests.utils import REPO, nnunet_python, subprocess_env
 
 PLOTS = ["dice_vs_training_time.png", "dice_vs_inference_time.png", "params_vs_dice.png"]
 
@@ -74,6 +75,7 @@ def test_bundle_and_builtin_under_one_protocol(tmp_path, synthetic_msd, other_ms
         cases = sorted(p.name.replace(".nii.gz", "") for p in (scored / "imagesTr").glob("*.nii.gz"))
         assert row["scored_on"] == f"{scored.name} (all cases)" and int(row["cases_scored"]) == len(cases)
         assert row["budget_epochs"] == "1" and row["budget_min"] == "" and row["epochs"] == "1"
+        assert row["device"] == "cpu"
         assert float(row["s_per_epoch"]) > 0
         assert 0.0 <= float(row["dice_mean"]) <= 1.0
         assert 0.0 <= float(row["dice_anterior"]) <= 1.0 and 0.0 <= float(row["dice_posterior"]) <= 1.0
@@ -81,6 +83,14 @@ def test_bundle_and_builtin_under_one_protocol(tmp_path, synthetic_msd, other_ms
         # the inference pass segmented exactly the scored cases
         segs = sorted(p.name for p in (work / key / "1epochs" / "seed0" / "segmentations").glob("*_seg.nii.gz"))
         assert segs == [f"{c}_seg.nii.gz" for c in cases]
+        # those segmentation files, scored as the nnU-Net entry's are, give what evaluate.json gave the model
+        run = work / key / "1epochs" / "seed0"
+        pairs = [(run / "segmentations" / f"{c}_seg.nii.gz", scored / "labelsTr" / f"{c}.nii.gz") for c in cases]
+        dice, hd95 = score_segmentations(pairs, tmp_path / f"rescored_{key}", 3, ["anterior", "posterior"])
+        for name in ("anterior", "posterior", "mean"):
+            # a 1-epoch model may miss a label in every case: both then give NaN for its HD95
+            assert dice[name] == pytest.approx(float(row["dice_mean" if name == "mean" else f"dice_{name}"]), abs=2e-4)
+            assert hd95[name] == pytest.approx(float(row[f"hd95_{name}_mm"]), abs=2e-4, nan_ok=True)
 
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "## Equal epochs: 1 epoch per network" in table and "## Equal time" not in table
@@ -137,8 +147,9 @@ def test_seeds_train_apart_on_one_split_and_budgets_stay_apart(tmp_path, synthet
     proc = _run(["--minutes", "0.0001", "--epochs", "1", *common])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "unet, 1 epoch, seed 0: kept the result" in proc.stdout
+    # results.csv keeps the seed-1 run of the first invocation, and adds the new run
+    assert list(_rows(out)) == [("unet", "1 epoch", "0"), ("unet", "1 epoch", "1"), ("unet", "0.0001 min", "0")]
     rows = _rows(out)
-    assert list(rows) == [("unet", "0.0001 min", "0"), ("unet", "1 epoch", "0")]
     timed = rows[("unet", "0.0001 min", "0")]
     assert timed["status"] == "no epoch finished within the budget"
     assert timed["budget_min"] == "0.0001" and timed["budget_epochs"] == "" and timed["epochs"] == "0"
@@ -230,3 +241,81 @@ def test_seeds_are_refused_when_the_split_follows_the_training_seed(synthetic_ms
     args.overrides += ["--split_seed", "@seed"]
     with pytest.raises(SystemExit, match="unet .unet_segmentation. validates on other cases with each training seed"):
         collection.check_split_fixed(entry, [0, 1], args)
+
+
+def test_results_csv_keeps_one_row_per_run(tmp_path):
+    """A run done again replaces its row where it stood; runs of other invocations (another entry, budget, seed or
+    device) keep theirs, so the CPU and GPU rows and the nnU-Net rows end up in one file."""
+    collection = _collection()
+
+    def run(key: str, seed: int, device: str, dice: float) -> dict:
+        return {"key": key, "network": key, "bundle": "b", "training_data": "d", "scored_on": "s", "cases_scored": 3,
+                "budget": "7 min", "budget_min": 7.0, "budget_epochs": None, "seed": seed, "device": device,
+                "params": 1, "epochs": 2, "train_s": 1.0, "s_per_epoch": 0.5, "dice_mean": dice,
+                "dice": {"anterior": dice, "posterior": dice, "mean": dice}, "hd95_mm": {}, "status": "ok"}
+
+    path = tmp_path / "results.csv"
+    collection.write_csv([run("unet", 0, "cpu", 0.8), run("nnunet", 0, "cpu", 0.7)], path, ["anterior", "posterior"])
+    collection.write_csv([run("unet", 0, "NVIDIA H200", 0.9), run("unet", 0, "cpu", 0.85), run("unet", 1, "cpu", 0.84)],
+                         path, ["anterior", "posterior"])
+    with open(path, encoding="utf-8") as f:
+        rows = [(r["key"], r["seed"], r["device"], r["dice_mean"]) for r in csv.DictReader(f)]
+    assert rows == [("unet", "0", "cpu", "0.85"), ("nnunet", "0", "cpu", "0.7"), ("unet", "0", "NVIDIA H200", "0.9"),
+                    ("unet", "1", "cpu", "0.84")]
+
+
+def test_nnunet_entries_need_their_venv(tmp_path, synthetic_msd):
+    proc = _run(["--only", "unet,nnunet", "--dataset_dir", str(synthetic_msd), "--nnunet_python",
+                 str(tmp_path / "none" / "python")])
+    assert proc.returncode == 2, proc.stderr
+    assert (f"nnunet: nnU-Net's venv is missing (--nnunet_python {tmp_path / 'none' / 'python'}); make it with "
+            "`bash scripts/setup_nnunet.sh`, or leave these entries out with --only") in proc.stderr
+
+
+def test_segmentation_files_are_scored_as_evaluate_scores(tmp_path):
+    """Dice and HD95 in mm per class, from files on the label's grid; a file on another grid is refused."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    label = np.zeros((12, 12, 6), np.uint8)
+    label[2:6, 2:6, 1:3], label[6:10, 6:10, 3:5] = 1, 2
+    pred = label.copy()
+    pred[6:10, 6:10, 3:5] = 0
+    pred[6:10, 6:10, 2:4] = 2  # posterior one slice (3 mm) too low: half of its voxels overlap
+    for name, array, a in (("label", label, affine), ("pred", pred, affine), ("moved", pred, np.diag([1, 1, 2, 1]))):
+        nib.save(nib.Nifti1Image(array, a), tmp_path / f"{name}.nii.gz")
+    dice, hd95 = score_segmentations([(tmp_path / "pred.nii.gz", tmp_path / "label.nii.gz")], tmp_path / "eval", 3,
+                                     ["anterior", "posterior"])
+    assert dice == pytest.approx({"anterior": 1.0, "posterior": 0.5, "mean": 0.75})
+    assert hd95 == pytest.approx({"anterior": 0.0, "posterior": 3.0, "mean": 1.5})
+    assert (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()[0] == "filename,anterior,posterior,mean"
+    with pytest.raises(ValueError, match="differ from its label's"):
+        score_segmentations([(tmp_path / "moved.nii.gz", tmp_path / "label.nii.gz")], tmp_path / "eval2", 3,
+                            ["anterior", "posterior"])
+
+
+@pytest.mark.slow
+def test_nnunet_entry_runs_nnunet_on_the_same_cases(tmp_path, synthetic_msd):
+    """nnU-Net v2 in its venv, with epochs of 4 + 2 iterations so that one finishes in the budget: trained on the
+    bundles' training cases only, its final checkpoint's predictions scored on their validation split."""
+    python = nnunet_python()
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _run(["--minutes", "0.5", "--only", "nnunet", "--dataset_dir", str(synthetic_msd), "--nnunet_python",
+                 str(python), "--nnunet_iterations_per_epoch", "4", "2", "--work_dir", str(work), "--out", str(out),
+                 "--", "--num_workers", "0"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    row = _rows(out)[("nnunet", "0.5 min", "0")]
+    assert row["status"] == "ok" and row["device"] == "cpu" and row["bundle"].startswith("nnunetv2 "), row
+    assert int(row["epochs"]) >= 1 and int(row["params"]) > 0 and float(row["infer_s_per_case"]) > 0
+    assert 0.0 <= float(row["dice_mean"]) <= 1.0
+    split = training_split(synthetic_msd, 3, seed=0)
+    # nnU-Net saw the training cases only; the scored cases are the validation split, each segmented
+    raw = work / "nnunet" / "nnunet_data" / "raw" / "Dataset004_demo"
+    seen = sorted(p.name.removesuffix("_0000.nii.gz") for p in (raw / "imagesTr").glob("*.nii.gz"))
+    assert seen == sorted(Path(c["image"]).name.removesuffix(".nii.gz") for c in split["training"])
+    segs = sorted(p.name for p in (work / "nnunet" / "0.5min" / "seed0" / "segmentations").glob("*_seg.nii.gz"))
+    assert segs == sorted(Path(c["image"]).name.replace(".nii.gz", "_seg.nii.gz") for c in split["validation"])
+    assert int(row["cases_scored"]) == len(split["validation"])
+    assert "| nnU-Net v2 (3d_fullres) | demo | 0.5 min | 0 |" in (out / "results.md").read_text(encoding="utf-8")

@@ -68,6 +68,16 @@ def monailabel_executable() -> Path:
     return path
 
 
+def nnunet_python() -> Path:
+    """The python of nnU-Net's venv: ``$NNUNET_PYTHON``, else ``.venv-nnunet/bin/python`` (``scripts/setup_nnunet.sh``).
+    Skips without it; fails instead when ``REQUIRE_NNUNET=1``."""
+    path = Path(os.environ.get("NNUNET_PYTHON", REPO / ".venv-nnunet" / "bin" / "python"))
+    if not os.access(path, os.X_OK):
+        skip_or_fail(f"nnU-Net's venv is not there: no {path} (bash scripts/setup_nnunet.sh, or set NNUNET_PYTHON)",
+                     "REQUIRE_NNUNET")
+    return path
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment of the commands the tests start: without PYTHONPATH, so that nothing depends on it.
 
