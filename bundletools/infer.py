@@ -4,7 +4,10 @@
     python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] [--qc [true|false]]
                                 [--dicom_seg [true|false]] [--<config key> <value> ...]
 
-``<bundle>`` is a bundle name of this repository (``unet_segmentation``) or the folder of a bundle. This is
+``<bundle>`` is the folder of a bundle (a copy anywhere) or a bundle name (``unet_segmentation``), looked up in the
+current folder, then in each folder of ``$BUNDLETOOLS_BUNDLES_PATH``, then among the bundles installed with the
+package (``python -m bundletools.bundles`` lists them). A bundle needs its trained model: ``models/model.pt`` of its
+folder, or ``--ckpt_path``. This is
 exactly ``python -m monai.bundle run --config_file <bundle>/configs/inference.json --dataset_dir <input_dir>
 --output_dir <output_dir>``, with the bundle's logging configuration; any other key of the bundle's
 ``inference.json`` is an override (``--ckpt_path /models/best.pt``, ``--num_workers 4``, ``--key=value``).
@@ -43,16 +46,14 @@ _BOOL_WORDS = ("true", "false")
 
 
 def _bundle_folder(bundle: str | os.PathLike) -> Path:
-    from . import REPO_ROOT
+    """The bundle's folder: a bundle folder, or a name looked up in the current folder, ``$BUNDLETOOLS_BUNDLES_PATH``
+    and the package's bundles (:func:`bundletools.bundles.find_bundle`)."""
+    from .bundles import BundleNotFoundError, find_bundle
 
-    path = Path(bundle)
-    if (path / "configs" / "inference.json").is_file():
-        return path.resolve()
-    known = sorted(p.parent.parent.name for p in (REPO_ROOT / "bundles").glob("*/configs/inference.json"))
-    if os.sep in str(bundle) or str(bundle) not in known:
-        raise CommandLineError(f"unknown bundle {str(bundle)!r}: not a bundle folder (no configs/inference.json) "
-                               f"and not one of {', '.join(known)}")
-    return REPO_ROOT / "bundles" / str(bundle)
+    try:
+        return find_bundle(bundle, "inference.json")
+    except BundleNotFoundError as e:
+        raise CommandLineError(str(e)) from None
 
 
 def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False, qc: bool = False,
