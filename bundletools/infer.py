@@ -2,7 +2,7 @@
 """Batch inference from the command line, for pipelines:
 
     python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] [--qc [true|false]]
-                                [--dicom_seg [true|false]] [--<config key> <value> ...]
+                                [--dicom_seg [true|false]] [--tracking mlflow] [--<config key> <value> ...]
 
 ``<bundle>`` is the folder of a bundle (a copy anywhere) or a bundle name (``unet_segmentation``), looked up in the
 current folder, then in each folder of ``$BUNDLETOOLS_BUNDLES_PATH``, then among the bundles installed with the
@@ -10,7 +10,9 @@ package (``python -m bundletools.bundles`` lists them). A bundle needs its train
 folder, or ``--ckpt_path``. This is
 exactly ``python -m monai.bundle run --config_file <bundle>/configs/inference.json --dataset_dir <input_dir>
 --output_dir <output_dir>``, with the bundle's logging configuration; any other key of the bundle's
-``inference.json`` is an override (``--ckpt_path /models/best.pt``, ``--num_workers 4``, ``--key=value``).
+``inference.json`` is an override (``--ckpt_path /models/best.pt``, ``--num_workers 4``, ``--key=value``), and
+``--tracking mlflow`` is MONAI's experiment tracking (:mod:`bundletools.tracking`: one MLflow run per batch; with
+``--tracking_uri``, ``--experiment_name``, ``--run_name``).
 
 Values are taken as typed, by the type of the key's default: paths and other strings stay strings (``2024.10``,
 ``1e3``, ``out,v2``), booleans are ``true`` or ``false`` in any case (``--overwrite`` alone means true), numbers
@@ -41,7 +43,7 @@ from .errors import CommandLineError, one_line, user_error
 __all__ = ["infer", "main", "parse_command_line", "CommandLineError"]
 
 USAGE = ("usage: python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] "
-         "[--qc [true|false]] [--dicom_seg [true|false]] [--<config key> <value> ...]")
+         "[--qc [true|false]] [--dicom_seg [true|false]] [--tracking mlflow] [--<config key> <value> ...]")
 _BOOL_WORDS = ("true", "false")
 
 
@@ -57,7 +59,7 @@ def _bundle_folder(bundle: str | os.PathLike) -> Path:
 
 
 def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False, qc: bool = False,
-          **overrides: Any) -> None:
+          tracking: str | None = None, **overrides: Any) -> None:
     """Segment every scan of ``input_dir`` (files and DICOM series folders) into ``output_dir``.
 
     Args:
@@ -66,6 +68,7 @@ def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False,
         output_dir: folder of ``<case>_seg.nii.gz``, ``report.json`` and ``report.csv``.
         overwrite: redo every case, also those whose outputs are complete (otherwise they are skipped).
         qc: also write ``<case>_qc.png``.
+        tracking: MONAI's ``tracking`` (``"mlflow"``, or a settings file): see :mod:`bundletools.tracking`.
         overrides: other config keys of the bundle's ``inference.json``, as Python values.
     """
     from monai.bundle import run
@@ -74,6 +77,8 @@ def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False,
     configs = root / "configs"
     overrides.setdefault("bundle_root", str(root))
     overrides.setdefault("config_files", [str(configs / "inference.json")])  # recorded in the report
+    if tracking is not None:
+        overrides["tracking"] = tracking
     run(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), dataset_dir=str(input_dir), output_dir=str(output_dir),
         overwrite=overwrite, qc=qc, **overrides)
@@ -190,8 +195,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(input_dir).is_dir():
             raise CommandLineError(f"the input folder {input_dir!r} does not exist" if not Path(input_dir).exists()
                                    else f"the input {input_dir!r} is not a folder")
+        if "tracking" in options and not (options["tracking"] or "").strip():
+            raise CommandLineError("--tracking takes mlflow (or a file of tracking settings)")
+        tracking = options.pop("tracking", None)
         overrides = _overrides(root, options, bundle)
-        infer(str(root), input_dir, output_dir, **overrides)
+        infer(str(root), input_dir, output_dir, tracking=tracking, **overrides)
     except Exception as e:
         cause = user_error(e)
         if cause is None:
