@@ -28,13 +28,14 @@ def _copy_bundle(dest: Path) -> Path:
 # ------------------------------------------------------------------------------------ the lookup, in-process
 def test_a_name_is_found_on_the_search_path_in_order(tmp_path, monkeypatch):
     """The current folder, then each folder of $BUNDLETOOLS_BUNDLES_PATH, then the package's bundles."""
+    tmp_path = tmp_path.resolve()  # the lookup answers with resolved folders
     site_a, site_b, cwd = tmp_path / "a", tmp_path / "b", tmp_path / "cwd"
     cwd.mkdir()
     _copy_bundle(site_b / "my_unet")
     _copy_bundle(site_b / UNET)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv(PATH_VARIABLE, os.pathsep.join([str(site_a), str(site_b)]))
-    assert search_path() == [cwd, site_a, site_b, bundles_dir()]
+    assert [p.resolve() for p in search_path()] == [cwd, site_a, site_b, bundles_dir().resolve()]
     assert find_bundle("my_unet") == site_b / "my_unet"
     assert find_bundle(UNET) == site_b / UNET  # the path's copy before the package's own
     _copy_bundle(cwd / UNET)
@@ -42,7 +43,7 @@ def test_a_name_is_found_on_the_search_path_in_order(tmp_path, monkeypatch):
     monkeypatch.delenv(PATH_VARIABLE)
     assert find_bundle("../b/my_unet") == site_b / "my_unet"  # a folder, by its path
     shutil.rmtree(cwd / UNET)
-    assert find_bundle(UNET) == bundles_dir() / UNET
+    assert find_bundle(UNET) == (bundles_dir() / UNET).resolve()
 
 
 def test_an_unknown_name_lists_every_folder_searched(tmp_path, monkeypatch):
