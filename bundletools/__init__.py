@@ -94,8 +94,9 @@ def bundle_root() -> str:
 
 
 def bundle_path(name: str) -> str:
-    """Folder of the bundle ``name`` in this checkout (:func:`bundletools.bundles.bundle_dir`; the configs default to
-    :func:`bundle_root` instead)."""
+    """Folder of the bundle ``name`` among the package's bundles (:func:`bundletools.bundles.bundle_dir`: this
+    checkout's ``bundles/``, or the copy installed with the package; the configs default to :func:`bundle_root`
+    instead)."""
     from .bundles import bundle_dir
 
     return str(bundle_dir(name))

@@ -45,7 +45,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ from .model import Checkpoint
 from .outputs import LOCK_NAME, TMP_PREFIX, OutputFolder
 from .report import FAILED, PARTIAL, SKIPPED, SUCCEEDED, BatchReport, Provenance, printable, utc_now
 from .settings import ConfigError, ExecutionSettings, flag
+from .tracking import check_handlers, notify
 from .writers import Output, RunContext, declare_outputs
 
 __all__ = ["BatchInference", "ConfigError", "failure_reason", "SUCCEEDED", "SKIPPED", "PARTIAL", "FAILED",
@@ -100,6 +101,9 @@ class BatchInference:
             ``max_voxels``.
         provenance: what the report records of the bundle and its configs (:class:`bundletools.report.Provenance`).
         overwrite: redo every case, also those whose outputs are complete.
+        handlers: told about the finished batch by rank 0, after the report is written
+            (:func:`bundletools.tracking.notify`): MONAI's ``MLFlowHandler`` (``--tracking mlflow`` adds one) records
+            a run; a callable is called with the report. One that fails is a warning, not a failed batch.
         exit_on_failure: raise ``SystemExit(2)`` at the end when a case failed (or is ``partial`` without a
             required output), ``SystemExit(3)`` when the report could not be written to ``output_dir`` (the exit
             status pipelines check); otherwise :meth:`run` just returns the report.
@@ -120,6 +124,7 @@ class BatchInference:
         input_limits: InputLimits | None = None,
         provenance: Provenance | None = None,
         overwrite: bool = False,
+        handlers: Sequence[Any] | None = None,
         exit_on_failure: bool = True,
     ) -> None:
         self.dataset = dataset
@@ -132,6 +137,7 @@ class BatchInference:
         self.input_limits = input_limits if input_limits is not None else InputLimits()
         self.provenance = provenance if provenance is not None else Provenance()
         self.overwrite = flag(overwrite, "overwrite")
+        self.handlers = check_handlers(handlers)
         self.exit_on_failure = exit_on_failure
         self.folder = OutputFolder(output_dir, {name: output.suffix for name, output in self.outputs.items()})
 
@@ -187,6 +193,8 @@ class BatchInference:
             if world > 1:
                 dist.broadcast_object_list(shared, src=0)
             result, any_failed = shared[0]
+            if rank == 0:
+                notify(self.handlers, result)
         finally:
             torch.set_num_threads(threads_before)
             self.folder.unlock()

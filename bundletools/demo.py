@@ -30,6 +30,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .bundles import bundle_dir
+
 __all__ = ["make_synthetic_dataset", "run_demo", "main", "DEMO_OVERRIDES", "KNOWN_WARNINGS"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +202,7 @@ def run_demo(bundle: str = "unet_segmentation", data_dir: str | Path = REPO_ROOT
     data_dir = make_synthetic_dataset(data_dir, num_cases=num_cases, num_test=num_test, shape=shape)
     print(f"Synthetic demo dataset ({num_cases} training cases, {num_test} new scans; shapes, not anatomy): "
           f"{_show(data_dir)}", flush=True)
-    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    configs = bundle_dir(bundle) / "configs"
     work = Path(work_dir) / bundle
     common = ["--dataset_dir", str(data_dir), "--bundle_root", str(configs.parent), *common_overrides]
     dirs = ["--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]

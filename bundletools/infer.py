@@ -2,12 +2,17 @@
 """Batch inference from the command line, for pipelines:
 
     python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] [--qc [true|false]]
-                                [--dicom_seg [true|false]] [--<config key> <value> ...]
+                                [--dicom_seg [true|false]] [--tracking mlflow] [--<config key> <value> ...]
 
-``<bundle>`` is a bundle name of this repository (``unet_segmentation``) or the folder of a bundle. This is
+``<bundle>`` is the folder of a bundle (a copy anywhere) or a bundle name (``unet_segmentation``), looked up in the
+current folder, then in each folder of ``$BUNDLETOOLS_BUNDLES_PATH``, then among the bundles installed with the
+package (``python -m bundletools.bundles`` lists them). A bundle needs its trained model: ``models/model.pt`` of its
+folder, or ``--ckpt_path``. This is
 exactly ``python -m monai.bundle run --config_file <bundle>/configs/inference.json --dataset_dir <input_dir>
 --output_dir <output_dir>``, with the bundle's logging configuration; any other key of the bundle's
-``inference.json`` is an override (``--ckpt_path /models/best.pt``, ``--num_workers 4``, ``--key=value``).
+``inference.json`` is an override (``--ckpt_path /models/best.pt``, ``--num_workers 4``, ``--key=value``), and
+``--tracking mlflow`` is MONAI's experiment tracking (:mod:`bundletools.tracking`: one MLflow run per batch; with
+``--tracking_uri``, ``--experiment_name``, ``--run_name``).
 
 Values are taken as typed, by the type of the key's default: paths and other strings stay strings (``2024.10``,
 ``1e3``, ``out,v2``), booleans are ``true`` or ``false`` in any case (``--overwrite`` alone means true), numbers
@@ -38,25 +43,23 @@ from .errors import CommandLineError, one_line, user_error
 __all__ = ["infer", "main", "parse_command_line", "CommandLineError"]
 
 USAGE = ("usage: python -m bundletools.infer <bundle> <input_dir> <output_dir> [--overwrite [true|false]] "
-         "[--qc [true|false]] [--dicom_seg [true|false]] [--<config key> <value> ...]")
+         "[--qc [true|false]] [--dicom_seg [true|false]] [--tracking mlflow] [--<config key> <value> ...]")
 _BOOL_WORDS = ("true", "false")
 
 
 def _bundle_folder(bundle: str | os.PathLike) -> Path:
-    from . import REPO_ROOT
+    """The bundle's folder: a bundle folder, or a name looked up in the current folder, ``$BUNDLETOOLS_BUNDLES_PATH``
+    and the package's bundles (:func:`bundletools.bundles.find_bundle`)."""
+    from .bundles import BundleNotFoundError, find_bundle
 
-    path = Path(bundle)
-    if (path / "configs" / "inference.json").is_file():
-        return path.resolve()
-    known = sorted(p.parent.parent.name for p in (REPO_ROOT / "bundles").glob("*/configs/inference.json"))
-    if os.sep in str(bundle) or str(bundle) not in known:
-        raise CommandLineError(f"unknown bundle {str(bundle)!r}: not a bundle folder (no configs/inference.json) "
-                               f"and not one of {', '.join(known)}")
-    return REPO_ROOT / "bundles" / str(bundle)
+    try:
+        return find_bundle(bundle, "inference.json")
+    except BundleNotFoundError as e:
+        raise CommandLineError(str(e)) from None
 
 
 def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False, qc: bool = False,
-          **overrides: Any) -> None:
+          tracking: str | None = None, **overrides: Any) -> None:
     """Segment every scan of ``input_dir`` (files and DICOM series folders) into ``output_dir``.
 
     Args:
@@ -65,6 +68,7 @@ def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False,
         output_dir: folder of ``<case>_seg.nii.gz``, ``report.json`` and ``report.csv``.
         overwrite: redo every case, also those whose outputs are complete (otherwise they are skipped).
         qc: also write ``<case>_qc.png``.
+        tracking: MONAI's ``tracking`` (``"mlflow"``, or a settings file): see :mod:`bundletools.tracking`.
         overrides: other config keys of the bundle's ``inference.json``, as Python values.
     """
     from monai.bundle import run
@@ -73,6 +77,8 @@ def infer(bundle: str, input_dir: str, output_dir: str, overwrite: bool = False,
     configs = root / "configs"
     overrides.setdefault("bundle_root", str(root))
     overrides.setdefault("config_files", [str(configs / "inference.json")])  # recorded in the report
+    if tracking is not None:
+        overrides["tracking"] = tracking
     run(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), dataset_dir=str(input_dir), output_dir=str(output_dir),
         overwrite=overwrite, qc=qc, **overrides)
@@ -189,8 +195,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(input_dir).is_dir():
             raise CommandLineError(f"the input folder {input_dir!r} does not exist" if not Path(input_dir).exists()
                                    else f"the input {input_dir!r} is not a folder")
+        if "tracking" in options and not (options["tracking"] or "").strip():
+            raise CommandLineError("--tracking takes mlflow (or a file of tracking settings)")
+        tracking = options.pop("tracking", None)
         overrides = _overrides(root, options, bundle)
-        infer(str(root), input_dir, output_dir, **overrides)
+        infer(str(root), input_dir, output_dir, tracking=tracking, **overrides)
     except Exception as e:
         cause = user_error(e)
         if cause is None:

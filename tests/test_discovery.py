@@ -71,7 +71,8 @@ SCRATCH_SPEC = {
         "network_def": {"_target_": "networks.nets.scratch_net.ScratchNet", "spatial_dims": 3,
                         "in_channels": "@in_channels", "out_channels": "@num_classes", "channels": "@channels"},
     },
-    "metadata": {"description": "A scratch bundle: a tiny network, to show what adding a bundle takes."},
+    "metadata": {"version": "0.1.0", "changelog": {"0.1.0": "initial release"},
+                 "description": "A scratch bundle: a tiny network, to show what adding a bundle takes."},
 }
 WATCHED = ("benchmarks", "bundles", "bundletools", "networks", "tests", "transforms", "README.md", "setup.cfg")
 

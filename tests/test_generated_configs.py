@@ -40,10 +40,15 @@ def test_every_bundle_has_the_collection_keys_and_files():
         assert train["network_def"] == inference["network_def"], "MONAI Label builds network_def from each file"
 
 
+RELEASE = {"version": "0.1.0", "changelog": {"0.1.0": "initial release"}}
+
+
 def _toy_bundle(tmp_path, spec: dict):
     bundle = tmp_path / "bundles" / "toy_segmentation"
     bundle.mkdir(parents=True)
-    (bundle / "spec.json").write_text(json.dumps({"common": {"network_def": {"_target_": "UNet"}}, **spec}))
+    spec = {"common": {"network_def": {"_target_": "UNet"}}, **spec}
+    spec["metadata"] = {**RELEASE, **spec.get("metadata", {})}  # every bundle has its version and changelog
+    (bundle / "spec.json").write_text(json.dumps(spec))
     return bundle
 
 
@@ -51,7 +56,8 @@ def test_spec_overrides_land_in_the_rendered_config(tmp_path):
     bundle = _toy_bundle(tmp_path, {
         "common": {"network_def": {"_target_": "UNet"}, "extra_key": 3},
         "train": {"epochs": 7, "validate#inferer#overlap": 0.5, "train#trainer#new_argument": 1},
-        "metadata": {"version": "9.9.9", "references": ["Toy paper", TEMPLATE_METADATA["references"][0]]},
+        "metadata": {"version": "9.9.9", "changelog": {"9.9.9": "toy", "0.1.0": "first"},
+                     "references": ["Toy paper", TEMPLATE_METADATA["references"][0]]},
     })
     files = render_bundle(bundle)
     train = json.loads(files["configs/train.json"])
@@ -60,7 +66,8 @@ def test_spec_overrides_land_in_the_rendered_config(tmp_path):
     assert train["validate"]["inferer"]["overlap"] == 0.5 and train["train"]["trainer"]["new_argument"] == 1
     assert "toy_segmentation" in json.dumps(train)
     metadata = json.loads(files["configs/metadata.json"])
-    assert metadata["version"] == "9.9.9"
+    assert metadata["version"] == "9.9.9" and metadata["changelog"] == {"9.9.9": "toy", "0.1.0": "first"}
+    assert list(metadata)[:4] == [GENERATED_KEY, "schema", "version", "changelog"]  # where the model zoo has them
     # lists of the metadata are merged: the spec's items first, then the template's it lacks, none twice
     assert metadata["references"] == ["Toy paper", *TEMPLATE_METADATA["references"]]
     # nested lists are values: a spec's shape replaces the template's
@@ -95,10 +102,15 @@ def test_extension_points_insert_items_in_place_and_are_empty_by_default(tmp_pat
     ({"extend": {"train": {"after_everything": []}}}, "no extension point 'after_everything'"),
     ({"extend": {"inference": {"after_orientation": {}}}}, "must be a list"),
     ({"trian": {}}, "unknown section(s) ['trian']"),
+    ({"metadata": {"version": None}}, "metadata.version must be the bundle's version, MAJOR.MINOR.PATCH"),
+    ({"metadata": {"version": "1.0"}}, "MAJOR.MINOR.PATCH (not '1.0')"),
+    ({"metadata": {"version": "0.2.0"}}, "metadata.changelog must have an entry for version 0.2.0"),
+    ({"metadata": {"version": "0.2.0", "changelog": {"0.1.0": "a", "0.2.0": "b"}}}, "newest first"),
+    ({"metadata": {"changelog": {"0.1.0": "a", "first": "b"}}}, "keys must be versions"),
 ])
 def test_bad_spec_is_an_error_naming_the_spec_and_the_id(tmp_path, spec, message):
     bundle = _toy_bundle(tmp_path, spec)
-    with pytest.raises((KeyError, TypeError)) as e:
+    with pytest.raises((KeyError, TypeError, ValueError)) as e:
         render_bundle(bundle)
     assert message in str(e.value) and str(bundle / "spec.json") in str(e.value)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import ALL_BUNDLES, BUNDLES, REPO, UNET, run_bundle, subprocess_env
+from tests.utils import ALL_BUNDLES, BUNDLES, UNET, copy_source, run_bundle, subprocess_env
 
 PACKAGE = "monai-segmentation-bundles"
 # top-level modules the configs name -> the distribution that brings them
@@ -67,12 +67,7 @@ def _copy_bundle(name: str, dest: Path) -> Path:
 
 def _wheel_site(tmp_path: Path) -> Path:
     """This checkout's package built as a wheel and installed, not editable, into a folder of its own."""
-    src, site = tmp_path / "src", tmp_path / "site"
-    src.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(REPO / name, src / name)
-    for package in ("networks", "transforms", "bundletools"):
-        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    src, site = copy_source(tmp_path / "src"), tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(site), str(src)], check=True, capture_output=True, text=True,
                    timeout=600)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +111,55 @@ def run_bundle(args: list[str], cwd: Path, check: bool = True, timeout: int = 90
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.output[-6000:]}")
     return proc
+
+
+# ----------------------------------------------------------------------- the package as pip installs it
+# what a wheel is built from (nothing else of the checkout: no models, runs or data)
+SOURCE_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "LICENSE")
+SOURCE_FOLDERS = ("networks", "transforms", "bundletools", "bundles")
+PROJECT_MODULES = ("bundletools", "networks", "transforms")
+
+
+def copy_source(dest: Path) -> Path:
+    """The files a wheel of this checkout is built from, copied to ``dest`` (so the build leaves nothing here)."""
+    dest.mkdir(parents=True)
+    for name in SOURCE_FILES:
+        shutil.copy(REPO / name, dest / name)
+    for name in SOURCE_FOLDERS:
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns(
+            "__pycache__", "models", "eval", "segmentations", "runs"))
+    return dest
+
+
+def build_wheel(dest: Path) -> Path:
+    """A wheel of this checkout (``pip wheel --no-deps``, offline, with the running environment's setuptools)."""
+    src = copy_source(dest / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--wheel-dir", str(dest / "wheels"), str(src)], check=True, capture_output=True, text=True,
+                   timeout=600, cwd=dest)
+    (wheel,) = (dest / "wheels").glob("monai_segmentation_bundles-*.whl")
+    return wheel
+
+
+def fresh_venv(dest: Path) -> Path:
+    """A new venv at ``dest`` (its ``bin/python``) that sees the packages of the running environment (torch, MONAI,
+    pip, ...) through a ``.pth`` file, but not this project: neither its editable install nor a copy."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True, capture_output=True,
+                   timeout=300)
+    python = dest / "bin" / "python"
+    site_dir = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    deps = dest.parent / f"{dest.name}-deps"  # one link per installed distribution or module, the project's left out
+    deps.mkdir()
+    for folder in map(Path, site.getsitepackages()):
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            name = entry.name
+            if (name.endswith(".pth") or name.startswith(("__editable__", "monai_segmentation_bundles"))
+                    or name in PROJECT_MODULES or (deps / name).exists()):
+                continue
+            (deps / name).symlink_to(entry)
+    (site_dir / "_deps.pth").write_text(f"{deps}\n")
+    return python
 
 
 def config_list(bundle: str, *names: str) -> str:
