@@ -10,7 +10,7 @@ from typing import Any
 from monai.data import ITKReader
 from monai.transforms import LoadImaged
 
-__all__ = ["LoadScand"]
+__all__ = ["LoadImageSeriesd", "LoadScand"]
 
 
 class _GDCMSeriesReader(ITKReader):
@@ -23,11 +23,16 @@ class _GDCMSeriesReader(ITKReader):
         return super().read(data, imageio=itk.GDCMImageIO.New(), **kwargs)
 
 
-class LoadScand(LoadImaged):
+class LoadImageSeriesd(LoadImaged):
     """MONAI's :class:`~monai.transforms.LoadImaged` that reads a folder (a DICOM series) with ITK's GDCM reader
     given explicitly, so that a series whose slices lack the 128-byte preamble is read as GDCM reads it instead of
     failing ("Could not create IO object"). Files are read exactly as by ``LoadImaged``. ITK is imported only for
     the formats that need it (a series, NRRD, MetaImage): NIfTI is read with nibabel where ITK is not installed.
+
+    The bundles' inference configs follow it with ``EnsureChannelFirstd``, as model-zoo bundles keep
+    ``LoadImaged`` and ``EnsureChannelFirstd`` apart: applications that bring their own volume drop every
+    transform whose class name contains ``LoadImage`` (MONAI Deploy's ``MonaiBundleInferenceOperator``) and keep
+    the channel axis step.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -41,3 +46,6 @@ class LoadScand(LoadImaged):
                 self._series_reader = _GDCMSeriesReader()
             reader = self._series_reader
         return super().__call__(data, reader)
+
+
+LoadScand = LoadImageSeriesd  # its name before: configs written with it keep working
