@@ -151,8 +151,10 @@ def by_input(report: dict) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------- inputs made at test time
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str) -> None:
-    """One DICOM file per slice with the position and orientation tags that carry the geometry."""
+def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str,
+                       modality: str = "MR") -> None:
+    """One DICOM file per slice with the position and orientation tags that carry the geometry (SimpleITK's
+    writer: no ImageType, an empty PatientID)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(volume_zyx.astype(np.int16))
     image.SetSpacing(spacing)
@@ -167,7 +169,7 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, di
         s.SetMetaData("0020|0032", "\\".join(f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, i))))
         s.SetMetaData("0020|0037", "\\".join(f"{c:.6f}" for c in (d[0], d[3], d[6], d[1], d[4], d[7])))
         s.SetMetaData("0020|0013", str(i + 1))  # instance number
-        s.SetMetaData("0008|0060", "CT")
+        s.SetMetaData("0008|0060", modality)
         writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
         writer.Execute(s)
 
@@ -189,7 +191,7 @@ def read_reference(path: Path) -> sitk.Image:
 def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, direction_lps: np.ndarray, *,
                     modality: str = "MR", image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M"),
                     series_number: int = 1, description: str = "", study_uid: str | None = None,
-                    prefix: str = "IM") -> None:
+                    patient_id: str = "T1", prefix: str = "IM") -> None:
     """One MR Image Storage file per slice of ``volume_xyz`` (x: columns, y: rows, z: slices), with the geometry
     of an ITK image of that spacing, origin and direction (columns: the axes in LPS), in shuffled file names
     (``<prefix><number>``). ``folder`` may hold other series: several calls with one ``study_uid`` make a study
@@ -208,7 +210,7 @@ def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, d
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = modality, "Test^Hippo", "T1"
+        ds.Modality, ds.PatientName, ds.PatientID = modality, "Test^Hippo", patient_id
         ds.ImageType = list(image_type)
         ds.PatientBirthDate, ds.PatientSex = "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
