@@ -525,7 +525,8 @@ class _Discovery:
                 files.append(path)
         others = [p for p in files if os.path.normpath(p) in data_files or not is_dicom_file(p)]
         if len(others) < len(files):
-            self.dicom_folder(folder, parts, [p for p in files if p not in set(others)])
+            not_dicom = set(others)
+            self.dicom_folder(folder, parts, [p for p in files if p not in not_dicom])
         for path in others:
             header = data_files.get(os.path.normpath(path))
             if header:
