@@ -205,8 +205,10 @@ class BatchInference:
 
     def _run_info(self, model_sha256: str, threads: int, parallel: int, world: int, started_at: str) -> dict:
         """The report's ``run``: the provenance the config handed over, with the settings and model of this run."""
+        series_rules = getattr(self.dataset.data, "series_rules", None)
         settings = {"outputs": {name: output.spec for name, output in self.outputs.items()},
                     "overwrite": self.overwrite, **self.input_limits.describe(),
+                    **({"series_rules": series_rules} if series_rules is not None else {}),
                     **self.execution.describe(threads, parallel), "runtime": getattr(self.network, "runtime", "torch")}
         model = {"path": printable(self.checkpoint.path) if self.checkpoint.path is not None else "",
                  "sha256": model_sha256, **getattr(self.network, "provenance", {})}

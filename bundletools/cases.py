@@ -89,11 +89,11 @@ def failure_reason(error: BaseException, source: str | os.PathLike | None = None
 
 
 def _load_stage(error: BaseException) -> str:
-    """"cannot read the image" when the error comes from ``LoadImage`` (or ``transforms.LoadScand``), else
+    """"cannot read the image" when the error comes from ``LoadImage`` (or ``transforms.LoadImageSeriesd``), else
     "preprocessing failed"."""
     e: BaseException | None = error
     while e is not None:
-        if "LoadImage" in str(e) or "LoadScand" in str(e):
+        if "LoadImage" in str(e):
             return _READ
         e = e.__cause__ or e.__context__
     return "preprocessing failed"

@@ -24,6 +24,7 @@ from .images import (
     IMAGE_SUFFIXES,
     DatasetError,
     ImageHeader,
+    SeriesPath,
     check_dicom_series,
     detached_data_files,
     inspect_image,
@@ -31,6 +32,7 @@ from .images import (
     is_dicom_folder,
 )
 from .outputs import LOCK_NAME
+from .series import SeriesRules, case_names, find_series
 
 __all__ = [
     "DatasetError",
@@ -48,6 +50,8 @@ __all__ = [
     "is_dicom_file",
     "is_dicom_folder",
     "check_dicom_series",
+    "SeriesPath",
+    "SeriesRules",
 ]
 
 _MAX_REPORTED = 20
@@ -424,25 +428,50 @@ def scoring_split(
 # ---------------------------------------------------------------------------------------------- inference
 class Datalist(list):
     """The cases to segment (a list of ``{"image", "case", "root"}`` dicts) and, as ``ignored``, every other
-    entry found under the input folder with the reason it is not a case (``{"input", "reason"}``)."""
+    entry found under the input folder with the reason it is not a case (``{"input", "reason"}``, and ``"rule"``
+    for a DICOM series the series rules passed over); ``series_rules``: those rules, as the report records them
+    (``None``: every series was taken)."""
 
-    def __init__(self, items=(), ignored=()) -> None:
+    def __init__(self, items=(), ignored=(), series_rules: Mapping | None = None) -> None:
         super().__init__(items)
         self.ignored: list[dict[str, str]] = list(ignored)
+        self.series_rules = series_rules
 
 
 class _Discovery:
-    """Walks an input folder: image files and DICOM series folders at any depth become cases, every other entry
-    is recorded as ignored with its reason."""
+    """Walks an input folder: image files and DICOM series at any depth become cases, every other entry is
+    recorded as ignored with its reason."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, rules: SeriesRules | None = None) -> None:
+        self.root, self.rules = root, rules
         self.inputs: list[tuple[str, str]] = []  # (case name, path)
         self.ignored: list[dict[str, str]] = []
         self.visited: dict[str, str] = {os.path.realpath(root): str(root)}
 
-    def ignore(self, path: str | os.PathLike, reason: str) -> None:
-        self.ignored.append({"input": str(path), "reason": reason})
+    def ignore(self, path: str | os.PathLike, reason: str, rule: str | None = None) -> None:
+        self.ignored.append({"input": str(path), "reason": reason, **({"rule": rule} if rule else {})})
+
+    def dicom_folder(self, folder: Path, parts: tuple[str, ...], files: list[str]) -> None:
+        """The cases of a folder that directly holds DICOM ``files``: the folder, named after it, when they are
+        one series; else each series (a :class:`SeriesPath`), named after its patient, study and series. A
+        series the rules pass over is ignored with the rule."""
+        series, orphans = find_series(files)
+        if len(series) <= 1:  # files whose header cannot be read fail the case, as slices it lacks
+            rejected = self.rules.rejects(series[0]) if series and self.rules else None
+            if rejected:
+                self.ignore(folder, f"{series[0].describe()}: {rejected[1]} (series_rules: {rejected[0]})",
+                            rejected[0])
+            else:
+                self.inputs.append(("_".join(parts) if parts else folder.name, str(folder)))
+            return
+        for one, name in zip(series, case_names(series, parts)):
+            rejected = self.rules.rejects(one) if self.rules else None
+            if rejected:
+                self.ignore(folder, f"{one.describe()}: {rejected[1]} (series_rules: {rejected[0]})", rejected[0])
+            else:
+                self.inputs.append((name, one.path(folder)))
+        for path, why in orphans:
+            self.ignore(path, f"{why}: not part of any series of the folder {folder.name}")
 
     def _stat(self, path: str) -> os.stat_result | None:
         """The entry's status through symbolic links, or ``None`` after recording why it cannot be followed."""
@@ -496,7 +525,8 @@ class _Discovery:
                 files.append(path)
         others = [p for p in files if os.path.normpath(p) in data_files or not is_dicom_file(p)]
         if len(others) < len(files):
-            self.inputs.append(("_".join(parts) if parts else folder.name, str(folder)))
+            not_dicom = set(others)
+            self.dicom_folder(folder, parts, [p for p in files if p not in not_dicom])
         for path in others:
             header = data_files.get(os.path.normpath(path))
             if header:
@@ -515,23 +545,30 @@ class _Discovery:
             self.walk(Path(entry.path), (*parts, entry.name))
 
 
-def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise") -> Datalist:
+def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise",
+                       series_rules: SeriesRules | None = None) -> Datalist:
     """Every image to segment under ``dataset_dir``, as ``{"image": path, "case": name, "root": dataset_dir}``
     dicts sorted by name, with every other entry in ``.ignored``.
 
     ``dataset_dir`` is a folder of image files (NIfTI, NRRD, MetaImage) and DICOM series, at any depth
     (``patient/study/series`` layouts), or an MSD folder, whose ``imagesTr/`` and ``imagesTs/`` are read the same
-    way. A series is a folder that directly holds DICOM files (with or without the 128-byte preamble). The case
-    name is the file name without its extension, or the series folder's name; below the top level it is prefixed
-    with the folders above, joined by ``_`` (``patient1_study2_series3``). Hidden entries, other files, empty
-    folders, dangling and looping symbolic links, the data files of detached headers and another batch's output
-    folder are not cases: each is in ``.ignored`` with the reason.
+    way. The DICOM files (with or without the 128-byte preamble) directly in a folder are grouped into series by
+    their SeriesInstanceUID, from their headers: a folder of one series is a case, a folder of several (a study,
+    as a DICOM listener writes it) is a case per series, whose ``image`` is a :class:`SeriesPath`. The case name
+    is the file name without its extension, the series folder's name, or for a series of a folder of several
+    ``<PatientID>_<study>_<SeriesNumber>-<SeriesDescription>`` (:func:`bundletools.series.case_names`); below the
+    top level it is prefixed with the folders above, joined by ``_`` (``patient1_study2_series3``). Hidden
+    entries, other files, empty folders, dangling and looping symbolic links, the data files of detached headers,
+    another batch's output folder and the series ``series_rules`` pass over are not cases: each is in
+    ``.ignored`` with the reason (and the rule).
 
     Args:
         dataset_dir: the folder.
         duplicates: what to do when two inputs share a case name (their outputs would overwrite each other):
             ``"raise"`` a :class:`DatasetError`, or ``"fail"``: keep both entries with an ``"error"`` saying so,
             which the batch runner reports as failed cases while it segments the others.
+        series_rules: which DICOM series are segmented (:class:`bundletools.series.SeriesRules`); ``None``: every
+            series.
 
     Raises:
         DatasetError: the folder does not exist or holds no image; with ``duplicates="raise"``, two images
@@ -542,7 +579,7 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
     # absolute: ITK changes the working directory while it loads a module, and the runner's threads read and
     # write meanwhile, so a relative path could name another file
     root = Path(os.path.abspath(_existing_dir(dataset_dir)))
-    found = _Discovery(root)
+    found = _Discovery(root, series_rules)
     if (root / "dataset.json").is_file():  # MSD: the images of imagesTr/ and imagesTs/
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if entry.name in ("imagesTr", "imagesTs") and entry.is_dir():
@@ -571,4 +608,4 @@ def inference_datalist(dataset_dir: str | os.PathLike, duplicates: str = "raise"
                 others = ", ".join(Path(p).name for p in paths if p != path)
                 item["error"] = f"{Path(path).name}: has the same case name {name!r} as {others}; rename one of them"
             datalist.append(item)
-    return Datalist(datalist, found.ignored)
+    return Datalist(datalist, found.ignored, series_rules.describe() if series_rules is not None else None)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import DicomPlane, dicom_planes
+from .images import DicomPlane, SeriesPath, dicom_planes
 from .outputs import BatchError
 from .report import printable
 from .writers import RunContext, Writer
@@ -110,12 +110,17 @@ def segment_names(metadata: Mapping[str, Any] | str | os.PathLike, output: str =
 
 
 def read_series(folder: str | os.PathLike) -> list:
-    """The headers (no pixel data) of the DICOM files of a series folder: its slices sorted along the slice
-    normal, or its one multi-frame file."""
+    """The headers (no pixel data) of the DICOM files of a series folder (or of a
+    :class:`~bundletools.images.SeriesPath`'s series): its slices sorted along the slice normal, or its one
+    multi-frame file."""
     _, pydicom = _highdicom()
     from .data import is_dicom_file
 
-    files = sorted(f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f))
+    if isinstance(folder, SeriesPath):
+        files = [Path(f) for f in folder.files]
+    else:
+        files = sorted(f for f in Path(folder).iterdir()
+                       if f.is_file() and not f.name.startswith(".") and is_dicom_file(f))
     if not files:
         raise ValueError(f"{folder}: no DICOM files")
     # force: slices without the 128-byte preamble and "DICM", which GDCM reads and is_dicom_file accepts

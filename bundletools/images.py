@@ -12,8 +12,10 @@ folder, and refuses, with a :class:`DatasetError` naming the file, what must not
 - a file name that is not valid UTF-8 in a format read by ITK (ITK cannot open it, and SimpleITK aborts the
   process on it).
 
-:func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both);
-:func:`check_dicom_series` checks that a folder holds one series that ITK reads onto its true grid: complete,
+:func:`is_dicom_file` recognises DICOM files with or without the 128-byte preamble (GDCM reads both); a
+:class:`SeriesPath` is one series of a folder that holds several (a study, as a DICOM listener writes it);
+:func:`check_dicom_series` checks that a folder holds one series (or that the series of a :class:`SeriesPath` is
+one) that ITK reads onto its true grid: complete,
 evenly spaced slices of one orientation stacked along their normal (no gantry tilt), or one multi-frame file whose
 frames lie where ITK puts them; :func:`dicom_planes` gives the planes of a DICOM instance (each frame's, from the
 functional groups of a multi-frame one); :func:`input_checksum` is the SHA-256 of an input (a file, a detached
@@ -42,6 +44,7 @@ __all__ = [
     "check_resampled_size",
     "is_dicom_file",
     "is_dicom_folder",
+    "SeriesPath",
     "check_dicom_series",
     "DicomPlane",
     "dicom_planes",
@@ -124,6 +127,30 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
             return _looks_like_dicom(f.read(132))
     except OSError:
         return False
+
+
+class SeriesPath(str):
+    """One DICOM series of a folder that holds several: the folder's path, as a ``str`` (what every reader of an
+    input takes), that also carries which series it is (``series_uid``, its SeriesInstanceUID) and the files it
+    is made of (``files``, found from their headers). The checks, the checksums, the DICOM SEG and the loader
+    (``transforms.LoadImageSeriesd``, which reads a path's ``series_uid``) take only that series; ``str(path)``
+    and ``Path(path)`` are the folder alone."""
+
+    series_uid: str
+    files: tuple[str, ...]
+
+    def __new__(cls, folder: str | os.PathLike, series_uid: str, files: Sequence[str | os.PathLike] = ()):
+        path = super().__new__(cls, os.fspath(folder))
+        path.series_uid, path.files = str(series_uid), tuple(sorted(os.fspath(f) for f in files))
+        return path
+
+    def __reduce__(self):  # what str's own pickling would drop: the series (DataLoader workers get cases pickled)
+        return SeriesPath, (str(self), self.series_uid, self.files)
+
+    @property
+    def label(self) -> str:
+        """The folder with the series, for messages: ``<folder> (series <uid>)``."""
+        return f"{self} (series {self.series_uid})"
 
 
 def is_dicom_folder(path: str | os.PathLike) -> bool:
@@ -337,8 +364,8 @@ def _check_multiframe(folder: str | os.PathLike, path: str, header: _Header) -> 
 
 
 def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
-    """Check that ``folder`` holds exactly one DICOM series that ITK reads onto its true grid; returns its header,
-    read without voxels.
+    """Check that ``folder`` holds exactly one DICOM series that ITK reads onto its true grid, or for a
+    :class:`SeriesPath` that its series is one; returns its header, read without voxels.
 
     ITK reads the first series of a folder with several, skips slices whose header it cannot parse, only warns
     about missing slices, gives every slice the first one's orientation and stacks slices along their normal
@@ -360,29 +387,36 @@ def check_dicom_series(folder: str | os.PathLike) -> ImageHeader:
     names.SetGlobalWarningDisplay(False)
     names.SetDirectory(str(folder))
     series = list(names.GetSeriesUIDs())
-    if len(series) != 1:
-        found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
-        raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
-    files = list(names.GetFileNames(series[0]))
+    if isinstance(folder, SeriesPath):
+        if folder.series_uid not in series:
+            raise DatasetError(f"{folder.label}: ITK reads no slice of this series (truncated or damaged files?)")
+        files = list(names.GetFileNames(folder.series_uid))
+        dicom, source = folder.files, folder.label
+    else:
+        if len(series) != 1:
+            found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
+            raise DatasetError(f"{folder}: holds {found}; put exactly one series in each sub-folder")
+        files = list(names.GetFileNames(series[0]))
+        dicom = [e.path for e in os.scandir(folder) if not e.name.startswith(".") and is_dicom_file(e.path)]
+        source = folder
     for f in files:
         _itk_readable_name(f)
-    dicom = [e for e in os.scandir(folder) if not e.name.startswith(".") and is_dicom_file(e.path)]
     if len(dicom) != len(files):
-        raise DatasetError(f"{folder}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
+        raise DatasetError(f"{source}: {len(dicom) - len(files)} of its {len(dicom)} DICOM files are not readable "
                            "slices of the series (truncated or damaged?)")
     headers = [_slice_header(f) for f in files]
     multiframe = [h for h in headers if len(h.size) > 2 and h.size[2] > 1]
     if multiframe:
         if len(files) > 1:
-            raise DatasetError(f"{folder}: its series is {len(files)} files, {len(multiframe)} of them multi-frame; "
+            raise DatasetError(f"{source}: its series is {len(files)} files, {len(multiframe)} of them multi-frame; "
                                "a multi-frame file is a series of its own: put each in its own folder")
-        return _check_multiframe(folder, files[0], headers[0])
+        return _check_multiframe(source, files[0], headers[0])
     first = headers[0]
     size = first.size
     header = ImageHeader((*size[:2], len(files)), _itk_affine(size, first.spacing, first.origin, first.direction))
     if len(files) > 1:
         directions = [h.direction.reshape(3, 3) for h in headers]
-        _check_stack(folder, np.array([h.origin for h in headers]), np.array([d[:, :2].T for d in directions]),
+        _check_stack(source, np.array([h.origin for h in headers]), np.array([d[:, :2].T for d in directions]),
                      min(first.spacing[:2]), "slices")
     return header
 
@@ -495,9 +529,9 @@ def inspect_image(path: str | os.PathLike, root: str | os.PathLike | None = None
     Raises:
         DatasetError: the problem, naming ``path``. A header that cannot be parsed raises the reader's error.
     """
-    path = str(path)
+    source, path = path, str(path)
     if os.path.isdir(path):
-        header = check_dicom_series(path)
+        header = check_dicom_series(source)
     elif path.lower().endswith((".nii", ".nii.gz")):
         header = _nifti_header(path)
     else:
@@ -556,8 +590,10 @@ def check_resampled_size(path: str | os.PathLike, header: ImageHeader, pixdim: S
 
 # ---------------------------------------------------------------------------------------------------- checksums
 def input_files(path: str | os.PathLike) -> list[str]:
-    """The files the input ``path`` is made of: the file and the data files of a detached header, or the
-    non-hidden files of a series folder; sorted."""
+    """The files the input ``path`` is made of: the file and the data files of a detached header, the
+    non-hidden files of a series folder, or the files of a :class:`SeriesPath`'s series; sorted."""
+    if isinstance(path, SeriesPath):
+        return list(path.files)
     path = str(path)
     if os.path.isdir(path):
         return sorted(e.path for e in os.scandir(path) if not e.name.startswith(".") and e.is_file())

@@ -3,8 +3,10 @@
 
 ``report.json`` holds ``run`` (bundle, config, model, software versions, command: :class:`Provenance`, which the
 config composes with what it knows of itself), ``summary`` (counts, time),
-``cases`` (one record per case: status, reason, outputs, checksums, seconds, rank) and ``ignored`` (entries of
-the input folder that are not cases, each with its reason); ``report.csv`` has one row per case and per ignored
+``cases`` (one record per case: status, reason, outputs, checksums, seconds, rank; ``series``, the
+SeriesInstanceUID of a series read from a folder of several) and ``ignored`` (entries of the input folder that are
+not cases, each with its reason; ``rule``, the series rule that passed over a DICOM series); ``report.csv`` has
+one row per case and per ignored
 entry. Names in both, and in the log lines the runner writes, go through :func:`printable`, so a file name that
 is not valid UTF-8 or holds a newline can neither break the report nor forge a line; report.csv also prefixes a
 cell that a spreadsheet would take for a formula with ``'`` (:func:`csv_cell`).
@@ -144,8 +146,10 @@ class BatchReport:
         """The record of one case: ``outputs`` are its files (output key -> path); ``counts_as_failed``: a
         partial case that makes the exit status 2 (it lacks a required output)."""
         outputs = {k: printable(v) for k, v in (outputs or {}).items()}
+        series = getattr(source, "series_uid", None)  # one series of a folder of several (images.SeriesPath)
         return {"index": index, "case": printable(case), "status": status, "reason": reason,
-                "input": printable(source), "output": outputs.get(self.output_keys[0], ""),
+                "input": printable(source), **({"series": printable(series)} if series else {}),
+                "output": outputs.get(self.output_keys[0], ""),
                 "outputs": {k: outputs[k] for k in self.output_keys if k in outputs and k != QC},
                 "qc": outputs.get(QC, ""), "seconds": round(seconds, 3), "rank": rank,
                 "input_sha256": input_sha256, "model_sha256": model_sha256, "counts_as_failed": counts_as_failed}
@@ -181,7 +185,8 @@ class BatchReport:
                    "processes": world, "output_dir": printable(self.output_dir),
                    "finished": utc_now()}
         cases = [{k: v for k, v in r.items() if k not in _RUNNER_KEYS} for r in records]
-        ignored = [{"input": printable(e["input"]), "reason": printable(e["reason"])} for e in ignored]
+        ignored = [{"input": printable(e["input"]), "reason": printable(e["reason"]),
+                    **({"rule": e["rule"]} if e.get("rule") else {})} for e in ignored]
         report = {"run": dict(run), "summary": summary, "cases": cases, "ignored": ignored}
         if problem is None:
             try:

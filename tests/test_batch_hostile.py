@@ -110,7 +110,8 @@ def test_a_one_voxel_trailing_axis_is_kept_with_the_exact_geometry(tmp_path, une
     save_nifti(scans / "one_slice.nii.gz", volume(1, (20, 24, 1)), affine)
     write_dicom_series(scans / "one_file_series", (volume(2, (1, 18, 22)) * 100), (0.8, 0.7, 2.0),
                        (3.0, -2.0, 41.0), IDENTITY, "1.2.826.0.1.3680043.2.1125.14.1")
-    cases = by_input(batch(scans, out, unet_root))
+    # a series of one slice is taken for a localizer unless the series rules allow it
+    cases = by_input(batch(scans, out, unet_root, series_rules={"min_slices": 1}))
     assert {c["status"] for c in cases.values()} == {"succeeded"}, cases
     seg = nib.load(out / "one_slice_seg.nii.gz")
     assert seg.shape == (20, 24, 1)
@@ -1019,6 +1020,8 @@ def _bad_values(tmp_path: Path, unet_root: Path) -> list[tuple[list, str]]:
         (["--onnx_path", tmp_path / "junk.onnx"], r"onnx_path is given .* but the runtime is 'torch'"),
         (["--ckpt_path", tmp_path / "truncated.pt"], r"truncated\.pt: cannot load the model weights \(ckpt_path\)"),
         (["--ckpt_path", tmp_path / "garbage.pt"], r"garbage\.pt: cannot load the model weights \(ckpt_path\)"),
+        (["--series_rules", '{"Modalty": ["MR"]}'], r"series_rules: unknown rule 'Modalty'; the rules are Modality"),
+        (["--series_rules", '{"min_slices": -1}'], r"series_rules: min_slices takes a whole number \(0 or more\)"),
     ]
 
 

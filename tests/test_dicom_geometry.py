@@ -191,7 +191,7 @@ def slices(tmp_path_factory) -> Path:
 def test_a_multiframe_file_is_read_on_the_grid_of_its_per_frame_positions(slices, tmp_path):
     """The header of a one-file series counts its frames (``max_voxels`` sees them all) and its affine puts voxel
     plane k on frame k's position; the voxels read are the slices' voxels."""
-    from transforms import LoadScand
+    from transforms import LoadImageSeriesd
 
     path = write_multiframe(tmp_path / "mf", slices)
     header = check_dicom_series(tmp_path / "mf")
@@ -200,9 +200,9 @@ def test_a_multiframe_file_is_read_on_the_grid_of_its_per_frame_positions(slices
     np.testing.assert_allclose([header.affine @ [0, 0, k, 1] for k in range(35)], np.c_[positions_ras, np.ones(35)],
                                atol=1e-4)
 
-    image = LoadScand(keys="image", image_only=True)({"image": str(tmp_path / "mf")})["image"]
+    image = LoadImageSeriesd(keys="image", image_only=True)({"image": str(tmp_path / "mf")})["image"]
     np.testing.assert_allclose(np.asarray(image.affine), header.affine, atol=1e-4)
-    reference = LoadScand(keys="image", image_only=True)({"image": str(slices)})["image"]
+    reference = LoadImageSeriesd(keys="image", image_only=True)({"image": str(slices)})["image"]
     reference_positions = np.array([np.asarray(reference.affine)[:3] @ [0, 0, k, 1] for k in range(35)])
     order = [int(np.argmin(np.linalg.norm(reference_positions - p, axis=1))) for p in positions_ras]
     np.testing.assert_array_equal(np.asarray(image), np.asarray(reference)[:, :, order])
@@ -286,9 +286,9 @@ def test_runner_segments_a_multiframe_file_and_its_seg_covers_every_labelled_fra
 
 # -------------------------------------------------------------------------- item 10: attributes a SEG copies
 def _labels_on(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    from transforms import LoadScand
+    from transforms import LoadImageSeriesd
 
-    image = LoadScand(keys="image", image_only=True)({"image": str(folder)})["image"]
+    image = LoadImageSeriesd(keys="image", image_only=True)({"image": str(folder)})["image"]
     labels = (np.asarray(image) > np.percentile(np.asarray(image), 90)).astype(np.uint8)
     return labels, np.asarray(image.affine)
 

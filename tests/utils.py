@@ -80,6 +80,16 @@ def nnunet_python() -> Path:
     return path
 
 
+def deploy_python() -> Path:
+    """The Python of the MONAI Deploy App SDK venv: ``$MONAI_DEPLOY_PYTHON``, else ``.venv-deploy/bin/python``
+    (``scripts/setup_deploy.sh``). Skips without it; fails instead when ``REQUIRE_MONAI_DEPLOY=1`` (CI)."""
+    path = Path(os.environ.get("MONAI_DEPLOY_PYTHON", REPO / ".venv-deploy" / "bin" / "python"))
+    if not path.is_file():
+        skip_or_fail(f"MONAI Deploy App SDK is not installed at {path} (bash scripts/setup_deploy.sh, or set "
+                     "MONAI_DEPLOY_PYTHON)", "REQUIRE_MONAI_DEPLOY")
+    return path
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment of the commands the tests start: without PYTHONPATH, so that nothing depends on it.
 
@@ -179,20 +189,20 @@ def random_model(bundle: str, root: Path, **overrides) -> Path:
     return root
 
 
-def evaluator(scans: Path, out: Path, root: Path, **overrides):
+def evaluator(scans: Path, out: Path, root: Path, bundle: str = UNET, **overrides):
     """The bundle's evaluator over ``scans``, as ``python -m monai.bundle run`` builds it (with the bundle's
     metadata.json, which names the DICOM SEG's segments)."""
     parser = ConfigParser()
-    parser.read_config(BUNDLES / UNET / "configs" / "inference.json")
-    parser.read_meta(BUNDLES / UNET / "configs" / "metadata.json")
+    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+    parser.read_meta(BUNDLES / bundle / "configs" / "metadata.json")
     parser.update({"bundle_root": str(root), "dataset_dir": str(scans), "output_dir": str(out), "num_workers": 0,
                    **overrides})
     return parser.get_parsed_content("evaluator")
 
 
-def batch(scans: Path, out: Path, root: Path, **overrides) -> dict:
+def batch(scans: Path, out: Path, root: Path, bundle: str = UNET, **overrides) -> dict:
     """The report of :func:`evaluator`'s run (no exit status)."""
-    runner = evaluator(scans, out, root, **overrides)
+    runner = evaluator(scans, out, root, bundle, **overrides)
     runner.exit_on_failure = False
     return runner.run()
 
@@ -202,8 +212,10 @@ def by_input(report: dict) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------- inputs made at test time
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str) -> None:
-    """One DICOM file per slice with the position and orientation tags that carry the geometry."""
+def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, direction, uid: str,
+                       modality: str = "MR") -> None:
+    """One DICOM file per slice with the position and orientation tags that carry the geometry (SimpleITK's
+    writer: no ImageType, an empty PatientID)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(volume_zyx.astype(np.int16))
     image.SetSpacing(spacing)
@@ -218,7 +230,7 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, spacing, origin, di
         s.SetMetaData("0020|0032", "\\".join(f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, i))))
         s.SetMetaData("0020|0037", "\\".join(f"{c:.6f}" for c in (d[0], d[3], d[6], d[1], d[4], d[7])))
         s.SetMetaData("0020|0013", str(i + 1))  # instance number
-        s.SetMetaData("0008|0060", "CT")
+        s.SetMetaData("0008|0060", modality)
         writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
         writer.Execute(s)
 
@@ -237,14 +249,20 @@ def read_reference(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
-def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, direction_lps: np.ndarray) -> None:
+def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, direction_lps: np.ndarray, *,
+                    modality: str = "MR", image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M"),
+                    series_number: int = 1, description: str = "", study_uid: str | None = None,
+                    patient_id: str = "T1", prefix: str = "IM") -> None:
     """One MR Image Storage file per slice of ``volume_xyz`` (x: columns, y: rows, z: slices), with the geometry
-    of an ITK image of that spacing, origin and direction (columns: the axes in LPS), in shuffled file names."""
+    of an ITK image of that spacing, origin and direction (columns: the axes in LPS), in shuffled file names
+    (``<prefix><number>``). ``folder`` may hold other series: several calls with one ``study_uid`` make a study
+    (``modality`` goes into the MR files as it is, for tests of series selection)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-    folder.mkdir(parents=True)
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = study_uid or generate_uid(), generate_uid()
+    frame_of_reference = generate_uid(entropy_srcs=[study])  # one per study
     order = np.random.default_rng(0).permutation(volume_xyz.shape[2])
     for k in range(volume_xyz.shape[2]):
         meta = FileMetaDataset()
@@ -253,12 +271,15 @@ def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, d
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Test^Hippo", "T1"
+        ds.Modality, ds.PatientName, ds.PatientID = modality, "Test^Hippo", patient_id
+        ds.ImageType = list(image_type)
         ds.PatientBirthDate, ds.PatientSex = "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
         ds.StudyID, ds.StudyDate, ds.StudyTime = "1", "20240101", "120000"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
-        ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, k + 1, "test"
+        ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = series_number, k + 1, "test"
+        if description:
+            ds.SeriesDescription = description
         position = np.asarray(origin_lps) + direction_lps[:, 2] * spacing[2] * k
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*direction_lps[:, 0], *direction_lps[:, 1])]
@@ -269,7 +290,7 @@ def write_mr_series(folder: Path, volume_xyz: np.ndarray, spacing, origin_lps, d
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.PixelData = plane.tobytes()
-        ds.save_as(folder / f"IM{order[k]:04d}", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix}{order[k]:04d}", enforce_file_format=True)
 
 
 # ----------------------------------------------- Google's R50+ViT-B_16.npz, synthetic, for TransUNet's loader

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from .io import LoadScand
+from .io import LoadImageSeriesd, LoadScand
 from .post import Argmaxd, channel_argmax
 from .slices import SliceAxisLast, SliceAxisLastd, SplitUncertaintyd, slice_last_order
 from .spatial import SpacingMetaSafed
 from .validation import CheckImaged, InvalidImageError
 
-__all__ = ["Argmaxd", "CheckImaged", "InvalidImageError", "LoadScand", "SliceAxisLast", "SliceAxisLastd",
-           "SpacingMetaSafed", "SplitUncertaintyd", "channel_argmax", "slice_last_order"]
+__all__ = ["Argmaxd", "CheckImaged", "InvalidImageError", "LoadImageSeriesd", "LoadScand", "SliceAxisLast",
+           "SliceAxisLastd", "SpacingMetaSafed", "SplitUncertaintyd", "channel_argmax", "slice_last_order"]

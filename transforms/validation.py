@@ -25,7 +25,7 @@ def _source(img: torch.Tensor, key: Hashable) -> str:
 
 
 class CheckImaged(MapTransform):
-    """Check channel-first images right after ``LoadImaged(ensure_channel_first=True)``.
+    """Check channel-first images right after loading (``LoadImaged``, then ``EnsureChannelFirstd``).
 
     Raises :class:`InvalidImageError` naming the file when an image does not have ``spatial_dims`` spatial axes
     (a 2D slice given to a 3D model), has an axis of size 0, has a channel count other than ``num_channels``,
