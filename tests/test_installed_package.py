@@ -85,6 +85,7 @@ def _assert_segmented(out: Path, scan: Path, affine: np.ndarray) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
                     reason="building the wheel offline (pip wheel --no-build-isolation) needs setuptools here")
 def test_wheel_in_a_fresh_venv_segments_by_name_and_by_folder_from_any_folder(tmp_path):
