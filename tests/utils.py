@@ -60,34 +60,31 @@ def shared_schema(name: str) -> Path:
     return path
 
 
-def monailabel_executable() -> Path:
-    """The ``monailabel`` command of the MONAI Label venv: ``$MONAILABEL_BIN``, else ``.venv-monailabel/bin/monailabel``
-    (``scripts/setup_monailabel.sh``). Skips without it; fails instead when ``REQUIRE_MONAILABEL=1`` (CI)."""
-    path = Path(os.environ.get("MONAILABEL_BIN", REPO / ".venv-monailabel" / "bin" / "monailabel"))
-    if not path.is_file():
-        skip_or_fail(f"MONAI Label is not installed at {path} (bash scripts/setup_monailabel.sh, or set "
-                     "MONAILABEL_BIN)", "REQUIRE_MONAILABEL")
+def venv_command(what: str, env_var: str, default: Path, setup_script: str, require_var: str) -> Path:
+    """A command of one of the side venvs (MONAI Label, nnU-Net, MONAI Deploy): ``$<env_var>``, else ``default``
+    (made by ``bash scripts/<setup_script>``). Skips without it; fails instead when ``<require_var>=1`` (CI)."""
+    path = Path(os.environ.get(env_var, default))
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        skip_or_fail(f"{what} is not installed at {path} (bash scripts/{setup_script}, or set {env_var})", require_var)
     return path
+
+
+def monailabel_executable() -> Path:
+    """The ``monailabel`` command of the MONAI Label venv (``REQUIRE_MONAILABEL=1`` in CI)."""
+    return venv_command("MONAI Label", "MONAILABEL_BIN", REPO / ".venv-monailabel" / "bin" / "monailabel",
+                        "setup_monailabel.sh", "REQUIRE_MONAILABEL")
 
 
 def nnunet_python() -> Path:
-    """The python of nnU-Net's venv: ``$NNUNET_PYTHON``, else ``.venv-nnunet/bin/python`` (``scripts/setup_nnunet.sh``).
-    Skips without it; fails instead when ``REQUIRE_NNUNET=1``."""
-    path = Path(os.environ.get("NNUNET_PYTHON", REPO / ".venv-nnunet" / "bin" / "python"))
-    if not os.access(path, os.X_OK):
-        skip_or_fail(f"nnU-Net's venv is not there: no {path} (bash scripts/setup_nnunet.sh, or set NNUNET_PYTHON)",
-                     "REQUIRE_NNUNET")
-    return path
+    """The python of nnU-Net's venv (``REQUIRE_NNUNET=1`` turns its skip into a failure)."""
+    return venv_command("nnU-Net", "NNUNET_PYTHON", REPO / ".venv-nnunet" / "bin" / "python", "setup_nnunet.sh",
+                        "REQUIRE_NNUNET")
 
 
 def deploy_python() -> Path:
-    """The Python of the MONAI Deploy App SDK venv: ``$MONAI_DEPLOY_PYTHON``, else ``.venv-deploy/bin/python``
-    (``scripts/setup_deploy.sh``). Skips without it; fails instead when ``REQUIRE_MONAI_DEPLOY=1`` (CI)."""
-    path = Path(os.environ.get("MONAI_DEPLOY_PYTHON", REPO / ".venv-deploy" / "bin" / "python"))
-    if not path.is_file():
-        skip_or_fail(f"MONAI Deploy App SDK is not installed at {path} (bash scripts/setup_deploy.sh, or set "
-                     "MONAI_DEPLOY_PYTHON)", "REQUIRE_MONAI_DEPLOY")
-    return path
+    """The python of the MONAI Deploy App SDK venv (``REQUIRE_MONAI_DEPLOY=1`` in CI)."""
+    return venv_command("MONAI Deploy App SDK", "MONAI_DEPLOY_PYTHON", REPO / ".venv-deploy" / "bin" / "python",
+                        "setup_deploy.sh", "REQUIRE_MONAI_DEPLOY")
 
 
 def subprocess_env() -> dict[str, str]:
